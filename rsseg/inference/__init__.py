@@ -1,0 +1,1 @@
+"""Large-scene georeferenced inference and vectorization."""
