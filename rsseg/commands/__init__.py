@@ -1,0 +1,1 @@
+"""Click commands; rsseg.cli loads them lazily."""
