@@ -1,0 +1,225 @@
+"""2D neighbourhood attention (sliding and dilated local attention) in plain PyTorch.
+
+Hand-written because natten >= 0.20 dropped its 2D ``qk``/``av`` calls and CPU kernels, and no
+other maintained library implements natten's window rule. Used by A2Mamba (SegMAN-V2) for its
+sliding local attention (SLA, dilation 1) and dilated local attention (DLA).
+
+Window rule (natten's, per axis, for length L, kernel K, dilation d, query i):
+``g = i mod d``; ``Lg = ceil((L - g) / d)``; ``start = g + d * clamp(i // d - K // 2, 0, Lg - K)``;
+the neighbours are ``start + d * k`` for ``k < K``. Every query therefore sees exactly K x K keys,
+shifted inwards at the borders instead of padded. natten requires ``L >= K * d``; here a shorter
+axis is treated as if padded at its end up to ``K * d`` with keys that are masked out, so a query
+attends to the real positions of its (partly virtual) window only. On an axis shorter than K this
+is full attention along that axis.
+
+Relative position bias: index ``(neighbour // d - i // d) + K - 1`` per axis, i.e. the offset in
+window steps, into a table of shape (heads, 2K-1, 2K-1), as in natten.
+
+Memory: neighbours are gathered with index tensors computed once per (L, K, d) and cached, in
+blocks of query rows, and the backward pass re-gathers instead of saving K*K copies of the keys
+and values (see :class:`_NeighbourQK` and :class:`_NeighbourAV`).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+# Upper bound on the number of gathered elements (B * heads * queries * K*K * head_dim) held at
+# once; 2**23 floats = 32 MiB. Larger maps are processed in blocks of query rows.
+_GATHER_BUDGET = 2**23
+
+
+@lru_cache(maxsize=256)
+def _axis_tables(length: int, kernel: int, dilation: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-axis neighbour table for natten's rule: (index, valid, bias index), each (length, K).
+
+    ``index`` is clamped into ``[0, length)`` where the neighbour is virtual (``valid`` False) so
+    that it can always be gathered; such keys are masked out of the softmax.
+    """
+    virtual_length = max(length, kernel * dilation)
+    i = torch.arange(length)
+    group = i % dilation
+    group_length = (virtual_length - group + dilation - 1) // dilation  # ceil
+    pos_in_group = i // dilation
+    start = torch.minimum(
+        torch.clamp(pos_in_group - kernel // 2, min=0), group_length - kernel
+    )  # (L,)
+    steps = start[:, None] + torch.arange(kernel)[None, :]  # window position in group units
+    neighbour = group[:, None] + dilation * steps
+    valid = neighbour < length
+    index = neighbour.clamp(max=length - 1)
+    bias_index = steps - pos_in_group[:, None] + kernel - 1
+    return index, valid, bias_index
+
+
+def neighbourhood_tables(
+    height: int, width: int, kernel: int, dilation: tuple[int, int], device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Row and column tables ``(idx_r, valid_r, bias_r, idx_c, valid_c, bias_c)`` on ``device``."""
+    rows = _axis_tables(height, kernel, dilation[0])
+    cols = _axis_tables(width, kernel, dilation[1])
+    return tuple(t.to(device) for t in (*rows, *cols))  # type: ignore[return-value]
+
+
+def _flat_index(idx_r: Tensor, idx_c: Tensor, width: int) -> Tensor:
+    """Flat key index (rows, W, K*K) for the query rows described by ``idx_r`` (rows, K)."""
+    k = idx_r.shape[1]
+    flat = idx_r[:, None, :, None] * width + idx_c[None, :, None, :]
+    return flat.reshape(idx_r.shape[0], idx_c.shape[0], k * k)
+
+
+def _row_block(batch_heads: int, width: int, k2: int, head_dim: int) -> int:
+    per_row = max(1, batch_heads * width * k2 * head_dim)
+    return max(1, _GATHER_BUDGET // per_row)
+
+
+class _NeighbourQK(torch.autograd.Function):
+    """logits[b, n, i, j, m] = q[b, n, i, j] . k[b, n, neighbour_m(i, j)] (no scaling, no bias)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, idx_r: Tensor, idx_c: Tensor) -> Tensor:  # type: ignore[override]
+        b, n, h, w, c = q.shape
+        kk = idx_r.shape[1] ** 2
+        k_flat = k.reshape(b, n, h * w, c)
+        out = q.new_empty(b, n, h, w, kk)
+        step = _row_block(b * n, w, kk, c)
+        for r0 in range(0, h, step):
+            r1 = min(h, r0 + step)
+            index = _flat_index(idx_r[r0:r1], idx_c, w).reshape(-1)
+            keys = k_flat[:, :, index].reshape(b, n, r1 - r0, w, kk, c)
+            out[:, :, r0:r1] = torch.matmul(keys, q[:, :, r0:r1, :, :, None]).squeeze(-1)
+        ctx.save_for_backward(q, k, idx_r, idx_c)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        q, k, idx_r, idx_c = ctx.saved_tensors
+        b, n, h, w, c = q.shape
+        kk = idx_r.shape[1] ** 2
+        k_flat = k.reshape(b, n, h * w, c)
+        grad_q = torch.empty_like(q) if ctx.needs_input_grad[0] else None
+        grad_k = torch.zeros(b, n, h * w, c, dtype=k.dtype, device=k.device) if ctx.needs_input_grad[1] else None
+        step = _row_block(b * n, w, kk, c)
+        for r0 in range(0, h, step):
+            r1 = min(h, r0 + step)
+            index = _flat_index(idx_r[r0:r1], idx_c, w).reshape(-1)
+            g = grad[:, :, r0:r1]  # (b, n, rows, w, kk)
+            if grad_q is not None:
+                keys = k_flat[:, :, index].reshape(b, n, r1 - r0, w, kk, c)
+                grad_q[:, :, r0:r1] = torch.matmul(g[..., None, :], keys).squeeze(-2)
+            if grad_k is not None:
+                contrib = g[..., None] * q[:, :, r0:r1, :, None, :]  # (b, n, rows, w, kk, c)
+                grad_k.index_add_(2, index, contrib.reshape(b, n, -1, c))
+        if grad_k is not None:
+            grad_k = grad_k.reshape_as(k)
+        return grad_q, grad_k, None, None
+
+
+class _NeighbourAV(torch.autograd.Function):
+    """out[b, n, i, j] = sum_m attn[b, n, i, j, m] * v[b, n, neighbour_m(i, j)]."""
+
+    @staticmethod
+    def forward(ctx, attn: Tensor, v: Tensor, idx_r: Tensor, idx_c: Tensor) -> Tensor:  # type: ignore[override]
+        b, n, h, w, c = v.shape
+        kk = idx_r.shape[1] ** 2
+        v_flat = v.reshape(b, n, h * w, c)
+        out = v.new_empty(b, n, h, w, c)
+        step = _row_block(b * n, w, kk, c)
+        for r0 in range(0, h, step):
+            r1 = min(h, r0 + step)
+            index = _flat_index(idx_r[r0:r1], idx_c, w).reshape(-1)
+            values = v_flat[:, :, index].reshape(b, n, r1 - r0, w, kk, c)
+            out[:, :, r0:r1] = torch.matmul(attn[:, :, r0:r1, :, None, :], values).squeeze(-2)
+        ctx.save_for_backward(attn, v, idx_r, idx_c)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        attn, v, idx_r, idx_c = ctx.saved_tensors
+        b, n, h, w, c = v.shape
+        kk = idx_r.shape[1] ** 2
+        v_flat = v.reshape(b, n, h * w, c)
+        grad_attn = torch.empty_like(attn) if ctx.needs_input_grad[0] else None
+        grad_v = torch.zeros(b, n, h * w, c, dtype=v.dtype, device=v.device) if ctx.needs_input_grad[1] else None
+        step = _row_block(b * n, w, kk, c)
+        for r0 in range(0, h, step):
+            r1 = min(h, r0 + step)
+            index = _flat_index(idx_r[r0:r1], idx_c, w).reshape(-1)
+            g = grad[:, :, r0:r1]  # (b, n, rows, w, c)
+            if grad_attn is not None:
+                values = v_flat[:, :, index].reshape(b, n, r1 - r0, w, kk, c)
+                grad_attn[:, :, r0:r1] = torch.matmul(values, g[..., None]).squeeze(-1)
+            if grad_v is not None:
+                contrib = attn[:, :, r0:r1, :, :, None] * g[..., None, :]  # (b, n, rows, w, kk, c)
+                grad_v.index_add_(2, index, contrib.reshape(b, n, -1, c))
+        if grad_v is not None:
+            grad_v = grad_v.reshape_as(v)
+        return grad_attn, grad_v, None, None
+
+
+def adaptive_dilation(height: int, width: int, kernel: int) -> tuple[int, int]:
+    """A2Mamba eq. 1: ``r = (int(H / K), int(W / K))``, at least 1 on each axis."""
+    return max(1, height // kernel), max(1, width // kernel)
+
+
+def neighbourhood_attention_map(
+    q: Tensor,
+    k: Tensor,
+    kernel: int,
+    dilation: tuple[int, int] = (1, 1),
+    rpb: Tensor | None = None,
+) -> Tensor:
+    """Softmax attention over each query's K x K neighbourhood.
+
+    ``q``, ``k``: (B, heads, H, W, head_dim), ``q`` already scaled. ``rpb``: (heads, 2K-1, 2K-1)
+    or None. Returns the attention map (B, heads, H, W, K*K), neighbours in row-major window
+    order, zero weight on masked (virtual) neighbours.
+    """
+    _, _, h, w, _ = q.shape
+    idx_r, valid_r, bias_r, idx_c, valid_c, bias_c = neighbourhood_tables(h, w, kernel, dilation, q.device)
+    logits = _NeighbourQK.apply(q, k, idx_r, idx_c)
+    if rpb is not None:
+        # bias[n, i, j, ki, kj] = rpb[n, bias_r[i, ki], bias_c[j, kj]]
+        bias = rpb[:, bias_r[:, None, :, None], bias_c[None, :, None, :]]
+        logits = logits + bias.reshape(1, rpb.shape[0], h, w, kernel * kernel)
+    if not (bool(valid_r.all()) and bool(valid_c.all())):
+        valid = (valid_r[:, None, :, None] & valid_c[None, :, None, :]).reshape(h, w, kernel * kernel)
+        logits = logits.masked_fill(~valid, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def neighbourhood_aggregate(attn: Tensor, v: Tensor, kernel: int, dilation: tuple[int, int] = (1, 1)) -> Tensor:
+    """Weighted sum of each query's K x K neighbours of ``v`` (B, heads, H, W, C) with ``attn``.
+
+    ``attn`` is (B, heads, H, W, K*K) as returned by :func:`neighbourhood_attention_map`; the same
+    map can aggregate any tensor laid out on the same grid (A2Mamba re-uses it on SSM states).
+    """
+    _, _, h, w, _ = v.shape
+    idx_r, _, _, idx_c, _, _ = neighbourhood_tables(h, w, kernel, dilation, v.device)
+    return _NeighbourAV.apply(attn, v, idx_r, idx_c)
+
+
+def self_index(height: int, width: int, kernel: int, dilation: tuple[int, int]) -> Tensor:
+    """Position of each query inside its own window, (H, W) in ``[0, K*K)``: a one-hot map at
+    this index makes :func:`neighbourhood_aggregate` the identity (used in tests)."""
+    idx_r, _, _ = _axis_tables(height, kernel, dilation[0])
+    idx_c, _, _ = _axis_tables(width, kernel, dilation[1])
+    pos_r = (idx_r == torch.arange(height)[:, None]).float().argmax(1)
+    pos_c = (idx_c == torch.arange(width)[:, None]).float().argmax(1)
+    return pos_r[:, None] * kernel + pos_c[None, :]
+
+
+def neighbourhood_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kernel: int,
+    dilation: tuple[int, int] = (1, 1),
+    rpb: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Neighbourhood attention; returns ``(output (B, heads, H, W, C), attention map)``."""
+    attn = neighbourhood_attention_map(q, k, kernel, dilation, rpb)
+    return neighbourhood_aggregate(attn, v, kernel, dilation), attn
