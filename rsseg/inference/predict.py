@@ -1,0 +1,577 @@
+"""Streaming prediction of scenes of any size: read -> batch -> forward -> blend -> write.
+
+Memory stays flat in the scene height: blended class scores live in a buffer one window tall
+and as wide as the scene. When the next row of windows starts, the rows above it can receive no
+more contributions, so they are turned into classes and handed to a writer thread, and the
+buffer moves down. Reading runs ahead in a thread and writing behind in another, so the model's
+own time is the floor of the wall time.
+
+Under ``torchrun`` every rank owns a contiguous range of output rows, processes exactly the
+windows that touch it (in the same order as a single process would, so every sum is formed in
+the same order) and writes a strip; rank 0 stitches the strips. The result is bit-identical to
+a single process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import rasterio
+import torch
+import torch.nn.functional as F
+from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from torch import nn
+from tqdm.auto import tqdm
+
+from rsseg.errors import DataError, UsageError
+from rsseg.inference.rasterio_out import (
+    CONFIDENCE_NODATA,
+    NODATA_CLASS,
+    TiledRasterWriter,
+    publish_class_raster,
+    publish_confidence_raster,
+    remove_quietly,
+    temporary_path,
+)
+from rsseg.inference.windows import Window, blend_weights, check_tile_overlap, window_grid
+
+TTA_CHOICES = ("none", "flip", "d4")
+
+
+@dataclass
+class PredictOptions:
+    """How to run a model over a scene. ``tile``/``overlap`` are in model (training-GSD) pixels."""
+
+    tile: int = 1024
+    overlap: int = 256
+    batch_size: int = 4
+    tta: str = "none"
+    device: str = "cpu"
+    resample: bool = True
+    progress: bool = True
+    # Pad every window up to a multiple of this (encoders with 5 stride-2 stages need 32).
+    pad_multiple: int = 32
+
+
+@dataclass
+class InputSpec:
+    """What the predictor needs from a bundle's metadata (any object with these attributes works)."""
+
+    bands: list[int]
+    mean: list[float]
+    std: list[float]
+    class_names: list[str]
+    class_colors: list[tuple[int, int, int]]
+    gsd_m: float | None = None
+    band_names: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_meta(cls, meta: Any) -> "InputSpec":
+        return cls(
+            bands=[int(b) for b in meta.bands],
+            mean=[float(m) for m in meta.mean],
+            std=[float(s) for s in meta.std],
+            class_names=list(meta.class_names),
+            class_colors=[tuple(int(v) for v in c[:3]) for c in meta.class_colors],
+            gsd_m=getattr(meta, "gsd_m", None),
+            band_names=list(getattr(meta, "band_names", []) or []),
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class SceneResult:
+    scene: Path
+    classes: Path | None
+    confidence: Path | None
+    windows_run: int
+    windows_skipped: int
+    model_scale: float
+
+
+# ----------------------------------------------------------------------------- scene geometry
+
+
+def open_scene(path: Path) -> rasterio.DatasetReader:
+    """Open a raster or raise a one-line DataError."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"scene {path} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except RasterioIOError as err:
+        raise DataError(f"{path} is not a raster GDAL can read ({str(err).splitlines()[0]})") from None
+
+
+def check_bands(src: rasterio.DatasetReader, spec: InputSpec, name: str) -> None:
+    need = max(spec.bands)
+    if need > src.count or min(spec.bands) < 1:
+        wanted = ", ".join(
+            f"{b}" + (f" ({n})" if n else "")
+            for b, n in zip(spec.bands, spec.band_names or [""] * len(spec.bands))
+        )
+        raise DataError(
+            f"{name} has {src.count} band(s) but the model bundle reads source band(s) {wanted}"
+        )
+
+
+def scene_gsd_m(src: rasterio.DatasetReader) -> float | None:
+    """Ground sampling distance in metres (mean of x/y), or None if the scene has no usable CRS."""
+    if src.crs is None:
+        return None
+    px = (abs(src.transform.a) + abs(src.transform.e)) / 2
+    if src.crs.is_geographic:
+        lat = (src.bounds.top + src.bounds.bottom) / 2
+        return px * 111_320.0 * math.sqrt(abs(math.cos(math.radians(lat))))
+    factor = src.crs.linear_units_factor[1] if src.crs.linear_units_factor else 1.0
+    return px * factor
+
+
+def model_scale(src: rasterio.DatasetReader, spec: InputSpec, resample: bool) -> float:
+    """Model pixels per scene pixel (1.0 unless the scene GSD differs from the training GSD)."""
+    if not resample or not spec.gsd_m:
+        return 1.0
+    gsd = scene_gsd_m(src)
+    if gsd is None:
+        return 1.0
+    scale = gsd / spec.gsd_m
+    return 1.0 if abs(scale - 1.0) < 1e-3 else scale
+
+
+def row_ranges_for_ranks(grid: list[list[Window]], height: int, world_size: int) -> list[tuple[int, int]]:
+    """Split output rows among ranks at the points where a row of windows finishes rows."""
+    starts = [line[0].row for line in grid]
+    finished = [(s, starts[k + 1] if k + 1 < len(starts) else height) for k, s in enumerate(starts)]
+    n = len(finished)
+    ranges = []
+    for r in range(world_size):
+        a, b = (n * r) // world_size, (n * (r + 1)) // world_size
+        ranges.append((finished[a][0], finished[b - 1][1]) if b > a else (height, height))
+    return ranges
+
+
+# ----------------------------------------------------------------------------- model running
+
+
+def _forward_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if isinstance(out, dict):
+        out = out["out"]
+    return torch.softmax(out.float(), dim=1)
+
+
+def predict_probs(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """Class probabilities (B, C, H, W), averaged over flips or the 8 dihedral views for TTA."""
+    if tta in (None, "none"):
+        return _forward_probs(model, x)
+    views: list[tuple[int, bool]] = [(0, False), (0, True)]
+    if tta == "d4":
+        views = [(k, f) for k in range(4) for f in (False, True)]
+    elif tta != "flip":
+        raise UsageError(f"unknown tta {tta!r}; valid ttas: {', '.join(TTA_CHOICES)}")
+    total = None
+    for k, flip in views:
+        v = torch.flip(x, dims=(-1,)) if flip else x
+        v = torch.rot90(v, k, dims=(-2, -1))
+        p = _forward_probs(model, v)
+        p = torch.rot90(p, -k, dims=(-2, -1))
+        p = torch.flip(p, dims=(-1,)) if flip else p
+        total = p if total is None else total + p
+    return total / len(views)
+
+
+@dataclass
+class _Batch:
+    windows: list[Window]
+    inputs: torch.Tensor  # (B, bands, h_model, w_model), normalised and padded
+    valid: list[np.ndarray]  # per window (h, w) bool, in scene pixels
+    model_shapes: list[tuple[int, int]]
+
+
+class _SceneReader:
+    """Reads, masks and normalises windows; runs in a background thread."""
+
+    def __init__(self, path: Path, spec: InputSpec, scale: float, options: PredictOptions) -> None:
+        self.src = open_scene(path)
+        self.spec = spec
+        self.scale = scale
+        self.options = options
+        self.mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+        self.std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+
+    def close(self) -> None:
+        self.src.close()
+
+    def read(self, w: Window) -> tuple[np.ndarray | None, np.ndarray, tuple[int, int]]:
+        """(normalised bands at model scale or None if all nodata, valid mask at scene scale)."""
+        win = rasterio.windows.Window(w.col, w.row, w.width, w.height)
+        valid = self.src.dataset_mask(window=win) > 0
+        mh = max(1, round(w.height * self.scale))
+        mw = max(1, round(w.width * self.scale))
+        if not valid.any():
+            return None, valid, (mh, mw)
+        data = self.src.read(
+            self.spec.bands,
+            window=win,
+            out_shape=(len(self.spec.bands), mh, mw),
+            out_dtype="float32",
+            resampling=Resampling.bilinear,
+        )
+        finite = np.isfinite(data).all(axis=0)
+        valid &= _resize_mask(finite, w.height, w.width) if (mh, mw) != valid.shape else finite
+        x = (data - self.mean) / self.std
+        # Nodata pixels take the band mean (0 after normalisation), never a raw fill value.
+        model_valid = _resize_mask(valid, mh, mw) if (mh, mw) != valid.shape else valid
+        x = np.where(model_valid[None], x, 0.0).astype(np.float32)
+        return x, valid, (mh, mw)
+
+
+def _resize_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:
+    t = torch.from_numpy(mask.astype(np.uint8))[None, None].float()
+    return F.interpolate(t, size=(h, w), mode="nearest")[0, 0].numpy() > 0.5
+
+
+def _pad_size(n: int, tile: int, multiple: int) -> int:
+    n = max(n, tile)
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def _batches(reader: _SceneReader, lines: list[list[Window]], options: PredictOptions, tile_model: int,
+             skipped: list[Window]) -> Iterator[_Batch | list[Window]]:
+    """Yields batches of one window row; a row's windows never share a batch with the next row's."""
+    for line in lines:
+        pending: list[tuple[Window, np.ndarray, np.ndarray, tuple[int, int]]] = []
+
+        def flush() -> _Batch:
+            ph = _pad_size(max(p[3][0] for p in pending), tile_model, options.pad_multiple)
+            pw = _pad_size(max(p[3][1] for p in pending), tile_model, options.pad_multiple)
+            x = np.zeros((len(pending), pending[0][1].shape[0], ph, pw), dtype=np.float32)
+            for i, (_, data, _, (mh, mw)) in enumerate(pending):
+                x[i, :, :mh, :mw] = data
+            return _Batch(
+                windows=[p[0] for p in pending],
+                inputs=torch.from_numpy(x),
+                valid=[p[2] for p in pending],
+                model_shapes=[p[3] for p in pending],
+            )
+
+        for w in line:
+            data, valid, shape = reader.read(w)
+            if data is None:
+                skipped.append(w)
+                continue
+            pending.append((w, data, valid, shape))
+            if len(pending) == options.batch_size:
+                yield flush()
+                pending = []
+        if pending:
+            yield flush()
+        yield line  # marks the end of a window row
+
+
+def _threaded(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run a generator in a thread, ``depth`` items ahead; re-raise its errors here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        try:
+            for item in iterator:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as err:  # handed to the consumer
+            q.put(err)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join(timeout=5)
+
+
+# ----------------------------------------------------------------------------- the row buffer
+
+
+class _RowBuffer:
+    """Blended scores for rows [top, top + height) across the full scene width."""
+
+    def __init__(self, num_classes: int, height: int, width: int, top: int) -> None:
+        self.scores = np.zeros((num_classes, height, width), dtype=np.float32)
+        self.weights = np.zeros((height, width), dtype=np.float32)
+        self.valid = np.zeros((height, width), dtype=bool)
+        self.top = top
+
+    def add(self, w: Window, probs: np.ndarray, weights: np.ndarray, valid: np.ndarray) -> None:
+        r = w.row - self.top
+        sl = (slice(r, r + w.height), slice(w.col, w.col + w.width))
+        self.scores[(slice(None),) + sl] += probs * weights
+        self.weights[sl] += weights
+        self.valid[sl] |= valid
+
+    def take(self, until: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """Finish rows [top, until): classes (uint8) and confidence (float32); shift the buffer."""
+        n = until - self.top
+        scores = self.scores[:, :n]
+        weights = self.weights[:n]
+        valid = self.valid[:n] & (weights > 0)
+        classes = np.argmax(scores, axis=0).astype(np.uint8)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            conf = scores.max(axis=0) / weights
+        classes[~valid] = NODATA_CLASS
+        conf = np.where(valid, conf, CONFIDENCE_NODATA).astype(np.float32)
+        top = self.top
+        # Shift the rest up and clear the freed rows.
+        for a in (self.scores, self.weights, self.valid):
+            rest = a[..., n:, :].copy()
+            a[..., : rest.shape[-2], :] = rest
+            a[..., rest.shape[-2] :, :] = 0
+        self.top = until
+        return top, classes, conf
+
+
+# ----------------------------------------------------------------------------- one scene
+
+
+def predict_scene(
+    scene: Path,
+    model: nn.Module,
+    meta: Any,
+    classes_out: Path,
+    confidence_out: Path | None = None,
+    options: PredictOptions | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Any = None,
+) -> SceneResult:
+    """Predict one scene into a class COG (and optionally a confidence COG) on the scene's grid.
+
+    Outputs appear under their final names only when complete; on any error or interrupt the
+    partial files are removed.
+    """
+    options = options or PredictOptions()
+    spec = meta if isinstance(meta, InputSpec) else InputSpec.from_meta(meta)
+    check_tile_overlap(options.tile, options.overlap)
+    scene = Path(scene)
+    classes_out = Path(classes_out)
+    confidence_out = Path(confidence_out) if confidence_out else None
+    with open_scene(scene) as src:
+        check_bands(src, spec, scene.name)
+        height, width, crs, transform = src.height, src.width, src.crs, src.transform
+        scale = model_scale(src, spec, options.resample)
+    if crs is None and rank == 0:
+        warnings.warn(f"{scene.name} has no CRS; outputs will not be georeferenced", stacklevel=2)
+
+    tile_s = max(1, round(options.tile / scale))
+    overlap_s = min(tile_s - 1, max(0, round(options.overlap / scale)))
+    grid = window_grid(height, width, tile_s, overlap_s)
+    y0, y1 = row_ranges_for_ranks(grid, height, world_size)[rank]
+    lines = [line for line in grid if line[0].row < y1 and line[0].row + line[0].height > y0]
+
+    if world_size > 1:
+        part_classes = temporary_path(classes_out, f"rank{rank}", unique=False)
+        part_conf = temporary_path(confidence_out, f"rank{rank}", unique=False) if confidence_out else None
+        strip = (y0, y1)
+    else:
+        part_classes = temporary_path(classes_out)
+        part_conf = temporary_path(confidence_out) if confidence_out else None
+        strip = (0, height)
+    strip_h = max(strip[1] - strip[0], 1)
+    strip_transform = transform * rasterio.Affine.translation(0, strip[0])
+    writers: list[TiledRasterWriter] = []
+    try:
+        cls_writer = TiledRasterWriter(part_classes, height=strip_h, width=width, crs=crs,
+                                       transform=strip_transform, dtype="uint8", nodata=NODATA_CLASS)
+        writers.append(cls_writer)
+        conf_writer = None
+        if part_conf is not None:
+            conf_writer = TiledRasterWriter(part_conf, height=strip_h, width=width, crs=crs,
+                                            transform=strip_transform, dtype="float32",
+                                            nodata=CONFIDENCE_NODATA)
+            writers.append(conf_writer)
+        run, skipped = _predict_rows(scene, model, spec, options, scale, lines, (y0, y1), width,
+                                     tile_s, overlap_s, cls_writer, conf_writer, strip[0])
+        if world_size > 1:
+            for w in writers:
+                w.close_scratch()
+            if barrier is not None:
+                barrier()
+            if rank == 0:
+                _stitch(classes_out, confidence_out, grid, height, width, world_size, crs, transform,
+                        spec)
+            if barrier is not None:
+                barrier()
+            for w in writers:
+                w.discard()
+            total = _all_reduce_sum([run, len(skipped)])
+            run, n_skipped = total
+        else:
+            publish_class_raster(cls_writer, classes_out, spec.class_names, spec.class_colors)
+            if conf_writer is not None and confidence_out is not None:
+                publish_confidence_raster(conf_writer, confidence_out)
+            n_skipped = len(skipped)
+    except BaseException:
+        for w in writers:
+            w.discard()
+        raise
+    return SceneResult(scene, classes_out, confidence_out, run, n_skipped, scale)
+
+
+def _predict_rows(scene, model, spec, options, scale, lines, rows, width, tile_s, overlap_s,
+                  cls_writer, conf_writer, strip_top) -> tuple[int, list[Window]]:
+    y0, y1 = rows
+    if not lines or y1 <= y0:
+        return 0, []
+    device = torch.device(options.device)
+    tile_model = round(tile_s * scale) if scale != 1.0 else options.tile
+    reader = _SceneReader(scene, spec, scale, options)
+    skipped: list[Window] = []
+    buffer = _RowBuffer(spec.num_classes, lines[0][0].height, width, lines[0][0].row)
+    n_windows = sum(len(line) for line in lines)
+    bar = tqdm(total=n_windows, desc=f"predict {scene.name}", unit="win", disable=not options.progress,
+               leave=False)
+    write_bar = tqdm(total=y1 - y0, desc=f"write {scene.name}", unit="row", disable=not options.progress,
+                     leave=False)
+    writer_pool = ThreadPoolExecutor(max_workers=1)
+    pending_writes: list[Future] = []
+    run = 0
+
+    def write(top: int, classes: np.ndarray, conf: np.ndarray) -> None:
+        a, b = max(top, y0), min(top + classes.shape[0], y1)
+        if b <= a:
+            return
+        cls_writer.write_rows(a - strip_top, classes[a - top : b - top])
+        if conf_writer is not None:
+            conf_writer.write_rows(a - strip_top, conf[a - top : b - top])
+        write_bar.update(b - a)
+
+    try:
+        line_index = 0
+        with torch.inference_mode():
+            for item in _threaded(_batches(reader, lines, options, tile_model, skipped)):
+                if isinstance(item, list):  # a window row is complete
+                    line_index += 1
+                    bar.update(len(item))
+                    until = lines[line_index][0].row if line_index < len(lines) else None
+                    if until is None:
+                        until = buffer.top + buffer.weights.shape[0]
+                        until = min(until, lines[-1][0].row + lines[-1][0].height)
+                    if until > buffer.top:
+                        top, classes, conf = buffer.take(until)
+                        pending_writes.append(writer_pool.submit(write, top, classes, conf))
+                    for f in [f for f in pending_writes if f.done()]:
+                        f.result()
+                        pending_writes.remove(f)
+                    continue
+                probs = predict_probs(model, item.inputs.to(device), options.tta).cpu()
+                run += len(item.windows)
+                for i, w in enumerate(item.windows):
+                    mh, mw = item.model_shapes[i]
+                    p = probs[i : i + 1, :, :mh, :mw]
+                    if (mh, mw) != (w.height, w.width):
+                        p = F.interpolate(p, size=(w.height, w.width), mode="bilinear",
+                                          align_corners=False)
+                    buffer.add(w, p[0].numpy(), blend_weights(w, tile_s, overlap_s), item.valid[i])
+        for f in pending_writes:
+            f.result()
+    finally:
+        writer_pool.shutdown(wait=True)
+        reader.close()
+        bar.close()
+        write_bar.close()
+    return run, skipped
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def distributed_context() -> tuple[int, int, Any]:
+    """(rank, world_size, barrier) from torchrun's environment; (0, 1, None) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    return dist.get_rank(), dist.get_world_size(), dist.barrier
+
+
+def _all_reduce_sum(values: Sequence[int]) -> list[int]:
+    import torch.distributed as dist
+
+    t = torch.tensor(list(values), dtype=torch.int64)
+    dist.all_reduce(t)
+    return [int(v) for v in t]
+
+
+def _stitch(classes_out: Path, confidence_out: Path | None, grid, height: int, width: int,
+            world_size: int, crs, transform, spec: InputSpec) -> None:
+    """Rank 0: copy every rank's strip into one raster and publish it."""
+    ranges = row_ranges_for_ranks(grid, height, world_size)
+    outputs = [(classes_out, "uint8", NODATA_CLASS)]
+    if confidence_out is not None:
+        outputs.append((confidence_out, "float32", CONFIDENCE_NODATA))
+    for final, dtype, nodata in outputs:
+        writer = TiledRasterWriter(temporary_path(final), height=height, width=width, crs=crs,
+                                   transform=transform, dtype=dtype, nodata=nodata)
+        try:
+            for r, (a, b) in enumerate(ranges):
+                if b <= a:
+                    continue
+                part = temporary_path(final, f"rank{r}", unique=False)
+                with rasterio.open(part) as ds:
+                    for top in range(0, b - a, 1024):
+                        n = min(1024, b - a - top)
+                        data = ds.read(1, window=rasterio.windows.Window(0, top, width, n))
+                        writer.write_rows(a + top, data)
+            if dtype == "uint8":
+                publish_class_raster(writer, final, spec.class_names, spec.class_colors)
+            else:
+                publish_confidence_raster(writer, final)
+        except BaseException:
+            writer.discard()
+            raise
+
+
+__all__ = [
+    "InputSpec",
+    "PredictOptions",
+    "SceneResult",
+    "predict_probs",
+    "predict_scene",
+    "distributed_context",
+    "open_scene",
+    "remove_quietly",
+]
