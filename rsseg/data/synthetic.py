@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from rasterio.io import MemoryFile
-from rasterio.transform import Affine, from_origin
+from rasterio.transform import Affine
 from rasterio.windows import Window
 from scipy import ndimage
 
@@ -59,6 +59,7 @@ __all__ = [
     "encode_labels_rgb",
     "erode_boundaries",
     "area_origin",
+    "area_seed",
     "area_sizes",
     "vaihingen_relative_paths",
     "write_vaihingen_layout",
@@ -661,7 +662,7 @@ def _draw(cv: _Canvas, obj: _Obj, label, img, shade) -> None:
         sdx, sdy = w.params["shadow_dir"]
         towards_sun = -((xs - x) * sdx + (ys - y) * sdy) / r
         f = (0.72 + 0.3 * (1.0 - d2) + 0.14 * towards_sun).astype(np.float32)
-        f = f * (1.0 + 0.2 * cv.noise(17, 0.35)[sl] + 0.08 * cv.noise(18, 1.2)[sl])
+        f = f * (1.0 + 0.16 * cv.noise(17, 0.35)[sl] + 0.14 * cv.noise(19, 0.12)[sl] + 0.08 * cv.noise(18, 1.2)[sl])
         color = base * f[None]
     _paint(cv, label, img, got, obj.cls, color)
 
@@ -697,7 +698,7 @@ def render_window(
     img *= (1.0 + 0.04 * cv.noise(4, 40.0))[None]
     h = _hash2d(_key(world.seed, 5), np.arange(row0, row0 + height)[:, None], np.arange(col0, col0 + width)[None, :])
     for band, shift in enumerate((8, 29, 40)):
-        img[band] += (_to_unit(h, shift) - 0.5) * np.float32(14.0)
+        img[band] += (_to_unit(h, shift) - 0.5) * np.float32(10.0)
     return np.clip(np.rint(img), 1, 255).astype(np.uint8), label
 
 
@@ -737,6 +738,11 @@ def erode_boundaries(labels: np.ndarray, radius: int = 3) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # The official Vaihingen layout.
 # --------------------------------------------------------------------------------------------
+def _north_up(east: float, north: float, gsd_m: float) -> Affine:
+    """North-up geotransform with square ``gsd_m`` pixels and top-left corner (east, north)."""
+    return Affine.translation(east, north) @ Affine.scale(gsd_m, -gsd_m)
+
+
 def _official_areas() -> list[int]:
     spec = get_spec("vaihingen")
     return sorted(int(a) for a in spec.train_tiles + spec.test_tiles)
@@ -749,6 +755,11 @@ def area_origin(area: int) -> tuple[float, float]:
         _AREA_EASTING0 + (k % _AREAS_PER_ROW) * _AREA_SPACING_M,
         _AREA_NORTHING0 - (k // _AREAS_PER_ROW) * _AREA_SPACING_M,
     )
+
+
+def area_seed(seed: int, area: int) -> int:
+    """The world seed of synthetic area ``area``: each area is its own village."""
+    return _key(seed, 7, area)
 
 
 def area_sizes(areas: Iterable[int], seed: int = 0) -> dict[int, tuple[int, int]]:
@@ -859,8 +870,8 @@ def write_vaihingen_layout(
     try:
         for a in areas:
             h, w = sizes[a]
-            image, labels = generate_tile((h, w), _key(seed, 7, a), gsd_m=gsd_m)
-            transform = from_origin(*area_origin(a), gsd_m, gsd_m)
+            image, labels = generate_tile((h, w), area_seed(seed, a), gsd_m=gsd_m)
+            transform = _north_up(*area_origin(a), gsd_m)
             name = f"top_mosaic_09cm_area{a}.tif"
             put(f"top/{name}", IMAGE_ARCHIVE, _geotiff_bytes(image, transform, compress=compress, descriptions=BAND_NAMES))
             full = _geotiff_bytes(encode_labels_rgb(labels), transform, compress=compress)
@@ -920,7 +931,7 @@ def _write_scene(path, height, width, seed, tile, nodata_border, dtype, blockwis
         raise UsageError(f"tile must be positive, got {tile}")
     np_dtype, scale = _SCENE_DTYPES[dtype]
     world_seed = _key(seed, 9)
-    transform = from_origin(*_SCENE_ORIGIN, gsd_m, gsd_m)
+    transform = _north_up(*_SCENE_ORIGIN, gsd_m)
     step = tile if blockwise else max(height, width)
     outputs = []
     try:
