@@ -1,14 +1,25 @@
-"""rsseg: semantic segmentation of high-resolution remote-sensing imagery."""
+"""rsseg: semantic segmentation of high-resolution remote-sensing imagery.
+
+``create_model`` and ``list_models`` are loaded on first use so that ``import rsseg`` (and the
+CLI's --help / --version) do not pay for importing torch.
+"""
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("rsseg")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-from rsseg.models.registry import create_model, list_models  # noqa: E402
-
 __all__ = ["__version__", "create_model", "list_models"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("create_model", "list_models"):
+        from rsseg.models import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module 'rsseg' has no attribute {name!r}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -43,6 +44,7 @@ class ModelInfo:
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
+_import_failures: dict[str, str] = {}
 _discovered = False
 
 
@@ -79,11 +81,27 @@ def _discover() -> None:
         return
     import rsseg.models as package
 
-    for module in pkgutil.iter_modules(package.__path__):
-        if module.ispkg or module.name.startswith("_") or module.name in _NOT_MODEL_MODULES:
-            continue
-        importlib.import_module(f"rsseg.models.{module.name}")
+    names = sorted(
+        m.name
+        for m in pkgutil.iter_modules(package.__path__)
+        if not m.ispkg and not m.name.startswith("_") and m.name not in _NOT_MODEL_MODULES
+    )
+    # Baselines first: they are the reference every paper model is compared against.
+    for name in sorted(names, key=lambda n: n != "baselines"):
+        try:
+            importlib.import_module(f"rsseg.models.{name}")
+        except ImportError as exc:
+            # One broken model file (e.g. a missing optional dependency) must not take every
+            # other model down with it; the failure is reported where a user would look for it.
+            _import_failures[name] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"rsseg: model file {name}.py could not be imported: {exc}", stacklevel=2)
     _discovered = True
+
+
+def import_failures() -> dict[str, str]:
+    """Model files that failed to import during discovery, with the reason."""
+    _discover()
+    return dict(_import_failures)
 
 
 def list_models() -> list[str]:
@@ -96,7 +114,11 @@ def model_info(name: str) -> ModelInfo:
     """Registry entry for ``name``; an unknown name is a UsageError listing the valid ones."""
     _discover()
     if name not in _REGISTRY:
-        raise unknown_name("model", name, list(_REGISTRY))
+        error = unknown_name("model", name, list(_REGISTRY))
+        if _import_failures:
+            broken = "; ".join(f"{k}.py ({v})" for k, v in _import_failures.items())
+            error = UsageError(f"{error} (model files that failed to import: {broken})")
+        raise error
     return _REGISTRY[name]
 
 

@@ -1,0 +1,70 @@
+"""The command line: version, help, listings, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+import rsseg
+from rsseg.cli import main
+from rsseg.data.specs import get_spec
+from rsseg.models.registry import parameter_count
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_version_and_help() -> None:
+    result = _run("--version")
+    assert result.exit_code == 0 and rsseg.__version__ in result.output
+    result = _run("--help")
+    assert result.exit_code == 0
+    for command in ("models", "datasets"):
+        assert command in result.output
+
+
+def test_console_script_is_installed() -> None:
+    exe = shutil.which("rsseg")
+    assert exe is not None
+    result = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == f"rsseg, version {rsseg.__version__}"
+
+
+def test_models_table_lists_baselines_with_smp_counts() -> None:
+    result = _run("models", "unet-r18", "fpn-r50")
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.output.splitlines()[2:]}
+    assert set(rows) == {"unet-r18", "fpn-r50"}
+    for name, row in rows.items():
+        assert f"{parameter_count(name) / 1e6:.2f} M" in row
+        assert row.rstrip().endswith("any")
+
+
+@pytest.mark.parametrize(
+    "args, valid",
+    [(("models", "segformer"), "unet-r18"), (("datasets", "isprs"), "vaihingen, potsdam")],
+)
+def test_unknown_names_are_one_line_errors(args, valid: str) -> None:
+    # A real process: the exit code, stderr and absence of a traceback are what a user sees.
+    result = subprocess.run(
+        [sys.executable, "-m", "rsseg.cli", *args], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rsseg: error: unknown")
+    assert valid in lines[0] and "Traceback" not in result.stderr
+
+
+def test_datasets_show_classes_and_colours() -> None:
+    result = _run("datasets", "vaihingen", "loveda")
+    assert result.exit_code == 0
+    for name in ("vaihingen", "loveda"):
+        spec = get_spec(name)
+        for cls, rgb in zip(spec.classes, spec.colors):
+            assert cls in result.output and "#{:02x}{:02x}{:02x}".format(*rgb) in result.output
+    assert "leave out: clutter" in result.output
