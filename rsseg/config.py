@@ -1,0 +1,147 @@
+"""Typed training configuration, read from YAML files under ``rsseg/configs``.
+
+A config file holds the keys of :class:`TrainConfig` (unknown keys are refused, so a typo never
+passes silently); ``augment`` is a nested mapping of :class:`AugmentConfig` keys. ``load_config``
+takes a file path or the name of a packaged preset (``rsseg/configs/<name>.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rsseg.errors import UsageError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation (GeoSeg / MAFMamba section 3.1), applied to image and label alike."""
+
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True
+    # Random rescale factors; one is drawn per sample (image bilinear, label nearest).
+    scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
+    # Smart crop: retry a random crop until no class covers more than ``smart_crop_max_ratio``.
+    smart_crop: bool = True
+    smart_crop_max_ratio: float = 0.75
+    smart_crop_tries: int = 10
+    # Probability of building a sample as a mosaic of four patches.
+    mosaic_p: float = 0.25
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; every field has a sensible default."""
+
+    # --- data
+    dataset: str = "vaihingen"
+    # A prepared folder (output of ``rsseg prepare``). None: the default data place
+    # ($RSSEG_DATA/<dataset> or ~/.cache/rsseg/data/<dataset>), prepared on first use.
+    data_dir: str | None = None
+    # Band set name of the dataset spec (e.g. "rgb", "irrg", "rgbir" for Potsdam); None = default.
+    bands: str | None = None
+    patch_size: int = 1024  # size of prepared patches
+    crop_size: int = 1024  # training crop after augmentation
+    val_fraction: float = 0.2  # share of training tiles held out for validation (by tile)
+    # --- synthetic data (dataset "synthetic" only)
+    synthetic_tile_size: int = 512
+    synthetic_areas: list[int] | None = None
+    # --- model
+    model: str = "unet-r18"
+    model_cfg: dict[str, Any] = field(default_factory=dict)
+    # --- optimisation (GeoSeg defaults)
+    epochs: int = 80
+    max_steps: int = -1  # > 0 stops after that many optimizer steps
+    batch_size: int = 4
+    val_batch_size: int = 1
+    lr: float = 6e-4
+    # Learning rate for parameters whose name starts with "backbone." or "encoder." (smp uses
+    # "encoder."); None uses ``lr`` for everything.
+    backbone_lr: float | None = 6e-5
+    weight_decay: float = 0.01
+    scheduler: str = "cosine_restarts"  # "cosine_restarts" | "cosine" | "poly" | "none"
+    t_0: int = 15  # CosineAnnealingWarmRestarts, in epochs
+    t_mult: int = 2
+    loss_label_smoothing: float = 0.05
+    dice_smooth: float = 0.05
+    aux_weight: float = 0.4
+    grad_clip: float | None = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # --- hardware
+    workers: int | None = None  # None: min(4, CPU count)
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    accelerator: str = "auto"
+    precision: str | None = None  # None: "16-mixed" on CUDA, "32-true" elsewhere
+    # --- run
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str | None = None  # None: "<model>-<dataset>"
+    val_every: int = 1  # validate every N epochs
+    limit_val_batches: int | float | None = None
+    resume: str | None = None  # a checkpoint path, or "last" for the run's last.ckpt
+    progress: bool = True
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed (None values are ignored, so CLI flags can be passed)."""
+        kept = {k: v for k, v in changes.items() if v is not None}
+        unknown = set(kept) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise UsageError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **kept)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise UsageError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(names)}"
+        )
+    values = dict(data)
+    if cls is TrainConfig and isinstance(values.get("augment"), dict):
+        values["augment"] = _build(AugmentConfig, values["augment"], f"{where} augment")
+    if cls is AugmentConfig and "scales" in values:
+        values["scales"] = tuple(float(s) for s in values["scales"])
+    return cls(**values)
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
+    """A TrainConfig from a plain mapping (as read from YAML)."""
+    return _build(TrainConfig, data, where)
+
+
+def list_configs() -> list[str]:
+    """Names of the packaged presets."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(path_or_name: str | os.PathLike[str]) -> TrainConfig:
+    """Read a YAML config file, or a packaged preset by name (``mafmamba-vaihingen``)."""
+    path = Path(path_or_name)
+    if not path.is_file():
+        preset = CONFIG_DIR / f"{path_or_name}.yaml"
+        if not preset.is_file():
+            raise UsageError(
+                f"config {str(path_or_name)!r} is neither a file nor a preset; "
+                f"presets: {', '.join(list_configs())}"
+            )
+        path = preset
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config {path}: not valid YAML ({exc.__class__.__name__})") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"config {path}: expected a mapping of option: value")
+    return config_from_dict(data, where=f"config {path}")

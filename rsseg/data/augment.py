@@ -1,0 +1,115 @@
+"""Training augmentations applied identically to image and label (GeoSeg protocol).
+
+Written in plain torch on purpose: the known trap of the reference code is results that depend
+on an augmentation library's version. All randomness comes from torch's global generator, which
+Lightning's ``seed_everything(..., workers=True)`` seeds per data-loader worker.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rsseg.config import AugmentConfig
+
+
+def _choice(n: int) -> int:
+    return int(torch.randint(n, (1,)))
+
+
+def random_scale(image: torch.Tensor, mask: torch.Tensor, scales: tuple[float, ...]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale by one factor drawn from ``scales``: image bilinear, label nearest."""
+    if not scales:
+        return image, mask
+    factor = scales[_choice(len(scales))]
+    if factor == 1.0:
+        return image, mask
+    h, w = mask.shape
+    size = (max(1, round(h * factor)), max(1, round(w * factor)))
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    return image, mask
+
+
+def pad_to(image: torch.Tensor, mask: torch.Tensor, size: int, ignore_index: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad bottom/right to at least ``size`` x ``size``: image with 0, label with ignore."""
+    h, w = mask.shape
+    ph, pw = max(0, size - h), max(0, size - w)
+    if ph or pw:
+        image = F.pad(image, (0, pw, 0, ph), value=0.0)
+        mask = F.pad(mask, (0, pw, 0, ph), value=ignore_index)
+    return image, mask
+
+
+def random_crop_box(h: int, w: int, ch: int, cw: int) -> tuple[int, int]:
+    top = int(torch.randint(h - ch + 1, (1,)))
+    left = int(torch.randint(w - cw + 1, (1,)))
+    return top, left
+
+
+def smart_crop(image: torch.Tensor, mask: torch.Tensor, size: int, ignore_index: int,
+               max_ratio: float = 0.75, tries: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``size`` crop, redrawn (up to ``tries`` times) while one class covers more than
+    ``max_ratio`` of its labelled pixels, so crops of a single class are rarer (GeoSeg SmartCrop)."""
+    image, mask = pad_to(image, mask, size, ignore_index)
+    h, w = mask.shape
+    for _ in range(max(1, tries)):
+        top, left = random_crop_box(h, w, size, size)
+        crop = mask[top : top + size, left : left + size]
+        counts = torch.bincount(crop.flatten(), minlength=ignore_index + 1)[:ignore_index]
+        if counts.sum() > 0 and counts.max() / counts.sum() < max_ratio:
+            break
+    return image[:, top : top + size, left : left + size], crop
+
+
+def flips_rot90(image: torch.Tensor, mask: torch.Tensor, cfg: AugmentConfig
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    if cfg.hflip and torch.rand(()) < 0.5:
+        image, mask = image.flip(-1), mask.flip(-1)
+    if cfg.vflip and torch.rand(()) < 0.5:
+        image, mask = image.flip(-2), mask.flip(-2)
+    if cfg.rot90 and mask.shape[0] == mask.shape[1]:
+        k = _choice(4)
+        if k:
+            image, mask = image.rot90(k, (-2, -1)), mask.rot90(k, (-2, -1))
+    return image.contiguous(), mask.contiguous()
+
+
+def mosaic(samples: list[tuple[torch.Tensor, torch.Tensor]], ignore_index: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Four samples -> one of the first one's size: a random centre splits it into quadrants,
+    each filled with a random crop of one sample (GeoSeg's mosaic)."""
+    h, w = samples[0][1].shape
+    cy = int(torch.randint(h // 4, h - h // 4 + 1, (1,)))
+    cx = int(torch.randint(w // 4, w - w // 4 + 1, (1,)))
+    boxes = [(0, cy, 0, cx), (0, cy, cx, w), (cy, h, 0, cx), (cy, h, cx, w)]
+    channels = samples[0][0].shape[0]
+    image = torch.zeros(channels, h, w, dtype=samples[0][0].dtype)
+    mask = torch.full((h, w), ignore_index, dtype=samples[0][1].dtype)
+    for (img, msk), (y0, y1, x0, x1) in zip(samples, boxes):
+        ch, cw = y1 - y0, x1 - x0
+        if ch == 0 or cw == 0:
+            continue
+        img, msk = pad_to(img, msk, max(ch, cw), ignore_index)
+        top, left = random_crop_box(msk.shape[0], msk.shape[1], ch, cw)
+        image[:, y0:y1, x0:x1] = img[:, top : top + ch, left : left + cw]
+        mask[y0:y1, x0:x1] = msk[top : top + ch, left : left + cw]
+    return image, mask
+
+
+def train_transform(image: torch.Tensor, mask: torch.Tensor, cfg: AugmentConfig, crop_size: int,
+                    ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale -> (smart) crop to ``crop_size`` -> flips / rot90. Mosaic happens before, in the
+    dataset, because it needs other samples."""
+    image, mask = random_scale(image, mask, tuple(cfg.scales))
+    if cfg.smart_crop:
+        image, mask = smart_crop(image, mask, crop_size, ignore_index,
+                                 cfg.smart_crop_max_ratio, cfg.smart_crop_tries)
+    else:
+        image, mask = pad_to(image, mask, crop_size, ignore_index)
+        top, left = random_crop_box(mask.shape[0], mask.shape[1], crop_size, crop_size)
+        image = image[:, top : top + crop_size, left : left + crop_size]
+        mask = mask[top : top + crop_size, left : left + crop_size]
+    return flips_rot90(image, mask, cfg)

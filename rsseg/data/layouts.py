@@ -1,0 +1,297 @@
+"""Find the source tiles of each dataset in its official layout, zipped or extracted.
+
+The layouts are those torchgeo's Vaihingen2D / Potsdam2D / LoveDA expect:
+
+- Vaihingen: ``ISPRS_semantic_labeling_Vaihingen.zip`` -> ``top/top_mosaic_09cm_areaN.tif``;
+  ``ISPRS_semantic_labeling_Vaihingen_ground_truth_COMPLETE.zip`` -> ``top_mosaic_09cm_areaN.tif``
+  (same file name as the image, outside ``top/``); optional eroded labels
+  ``..._ground_truth_eroded_COMPLETE.zip`` -> ``top_mosaic_09cm_areaN_noBoundary.tif``.
+- Potsdam: ``4_Ortho_RGBIR.zip`` -> ``4_Ortho_RGBIR/top_potsdam_X_Y_RGBIR.tif`` (``2_Ortho_RGB`` /
+  ``3_Ortho_IRRG`` are accepted when they hold the chosen bands); ``5_Labels_all.zip`` ->
+  ``top_potsdam_X_Y_label.tif``; optional ``5_Labels_all_noBoundary.zip`` ->
+  ``top_potsdam_X_Y_label_noBoundary.tif``.
+- LoveDA: ``Train.zip`` / ``Val.zip`` (/ ``Test.zip``) -> ``{Train,Val,Test}/{Urban,Rural}/
+  {images_png,masks_png}/N.png``.
+
+Files are found by name anywhere below the data root (so an archive extracted into a folder of
+its own name works too); archives are extracted once into a work folder, refusing any member
+whose path would escape it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from rsseg.data.specs import get_spec
+from rsseg.errors import DataError
+
+
+class DataWarning(UserWarning):
+    """Something in the input data was repaired or skipped; the message says what."""
+
+
+@dataclass(frozen=True)
+class SourceTile:
+    """One source image with its label, as found in an official layout."""
+
+    tile_id: str
+    split: str  # official split: "train" or "test"
+    image: Path
+    label: Path
+    label_kind: str  # "rgb": colour-coded RGB label; "loveda": index PNG, 0 = no-data
+    band_indexes: tuple[int, ...]  # 1-based indexes into ``image`` for the chosen bands
+
+
+# What to put where, per dataset: the one-line hint of a missing-data error.
+EXPECTED_FILES = {
+    "vaihingen": (
+        "ISPRS_semantic_labeling_Vaihingen.zip and "
+        "ISPRS_semantic_labeling_Vaihingen_ground_truth_COMPLETE.zip (optionally "
+        "ISPRS_semantic_labeling_Vaihingen_ground_truth_eroded_COMPLETE.zip), or their extracted "
+        "top/top_mosaic_09cm_areaN.tif and top_mosaic_09cm_areaN.tif"
+    ),
+    "potsdam": (
+        "4_Ortho_RGBIR.zip and 5_Labels_all.zip (optionally 5_Labels_all_noBoundary.zip), or their "
+        "extracted 4_Ortho_RGBIR/top_potsdam_X_Y_RGBIR.tif and top_potsdam_X_Y_label.tif"
+    ),
+    "loveda": (
+        "Train.zip and Val.zip, or their extracted "
+        "{Train,Val}/{Urban,Rural}/{images_png,masks_png}/N.png"
+    ),
+}
+EXPECTED_FILES["synthetic"] = EXPECTED_FILES["vaihingen"]
+
+_ZIP_MARKER = ".rsseg-extracted.json"
+
+
+def _is_symlink_member(info: zipfile.ZipInfo) -> bool:
+    return stat.S_ISLNK(info.external_attr >> 16)
+
+
+def safe_extract_zip(archive: Path, target: Path) -> Path:
+    """Extract ``archive`` into ``target``; refuses members that would land outside ``target``.
+
+    Re-extraction is skipped when the archive's size and modification time are unchanged.
+    """
+    target = Path(target)
+    marker = target / _ZIP_MARKER
+    st = archive.stat()
+    stamp = {"archive": str(archive.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if marker.is_file():
+        try:
+            if json.loads(marker.read_text()) == stamp:
+                return target
+        except (OSError, ValueError):
+            pass
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as exc:
+        raise DataError(f"{archive}: not a readable zip archive ({exc})") from exc
+    root = target.resolve()
+    with zf:
+        members = zf.infolist()
+        # Check every member before writing anything.
+        for info in members:
+            name = info.filename
+            dest = (root / name).resolve()
+            unsafe = (
+                name.startswith(("/", "\\"))
+                or re.match(r"^[A-Za-z]:", name) is not None
+                or ".." in re.split(r"[\\/]", name)
+                or _is_symlink_member(info)
+                or (dest != root and root not in dest.parents)
+            )
+            if unsafe:
+                raise DataError(
+                    f"{archive}: member {name!r} would be written outside {target}; "
+                    "refusing to extract this archive"
+                )
+        target.mkdir(parents=True, exist_ok=True)
+        for info in members:
+            zf.extract(info, root)
+    marker.write_text(json.dumps(stamp))
+    return target
+
+
+def _index_files(roots: list[Path], skip: list[Path]) -> dict[str, list[Path]]:
+    """Map each file name below ``roots`` to its paths (hidden folders and ``skip`` left out)."""
+    skip_resolved = {p.resolve() for p in skip}
+    index: dict[str, list[Path]] = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            here = Path(dirpath)
+            dirnames[:] = sorted(
+                d
+                for d in dirnames
+                if not d.startswith(".") and (here / d).resolve() not in skip_resolved
+            )
+            for name in filenames:
+                index.setdefault(name, []).append(here / name)
+    return index
+
+
+def _extract_archives(data_root: Path, work_dir: Path) -> list[Path]:
+    """Extract every zip directly in ``data_root`` into ``work_dir/<zip stem>``."""
+    extracted = []
+    for archive in sorted(data_root.glob("*.zip")):
+        extracted.append(safe_extract_zip(archive, work_dir / archive.stem))
+    return extracted
+
+
+def _vaihingen_split(tile: str, dataset: str) -> str | None:
+    spec = get_spec("vaihingen")
+    if tile in spec.test_tiles:
+        return "test"
+    if tile in spec.train_tiles or dataset == "synthetic":
+        return "train"
+    return None
+
+
+def _first(paths: list[Path] | None, keep=lambda p: True) -> Path | None:
+    for p in sorted(paths or []):
+        if keep(p):
+            return p
+    return None
+
+
+def _find_vaihingen(index: dict[str, list[Path]], dataset: str) -> tuple[list[SourceTile], list]:
+    pattern = re.compile(r"^top_mosaic_09cm_area(\d+)\.tif$", re.IGNORECASE)
+    tiles, missing = [], []
+    fallback_eroded = []
+    for name, paths in sorted(index.items()):
+        m = pattern.match(name)
+        if not m:
+            continue
+        image = _first(paths, lambda p: p.parent.name.lower() == "top")
+        if image is None:
+            continue
+        tile = m.group(1)
+        split = _vaihingen_split(tile, dataset)
+        if split is None:
+            continue
+        full = _first(paths, lambda p: p.parent.name.lower() != "top")
+        eroded = _first(index.get(f"top_mosaic_09cm_area{tile}_noBoundary.tif"))
+        # The test split is scored on eroded labels (GeoSeg); training uses full labels.
+        label = (eroded or full) if split == "test" else (full or eroded)
+        if label is None:
+            missing.append(f"label top_mosaic_09cm_area{tile}.tif (outside top/) for {image}")
+            continue
+        if split == "test" and eroded is None:
+            fallback_eroded.append(tile)
+        tiles.append(SourceTile(tile, split, image, label, "rgb", (1, 2, 3)))
+    if fallback_eroded:
+        warnings.warn(
+            f"no eroded (_noBoundary) labels for test tile(s) {', '.join(fallback_eroded)}; "
+            "they are scored on the full labels",
+            DataWarning,
+            stacklevel=3,
+        )
+    return tiles, missing
+
+
+def _find_potsdam(index: dict[str, list[Path]], bands: str) -> tuple[list[SourceTile], list]:
+    spec = get_spec("potsdam")
+    band_indexes = spec.bands(bands).source_indexes
+    band_key = bands or spec.default_bands
+    # Which image products can deliver the chosen bands, and with which indexes.
+    products = [("RGBIR", band_indexes)]
+    if band_key == "rgb":
+        products.append(("RGB", (1, 2, 3)))
+    if band_key == "irrg":
+        products.append(("IRRG", (1, 2, 3)))
+    tiles, missing = [], []
+    fallback_eroded = []
+    for tile in sorted(spec.train_tiles + spec.test_tiles):
+        split = "test" if tile in spec.test_tiles else "train"
+        image, indexes = None, band_indexes
+        for product, idx in products:
+            image = _first(index.get(f"top_potsdam_{tile}_{product}.tif"))
+            if image is not None:
+                indexes = idx
+                break
+        if image is None:
+            continue
+        full = _first(index.get(f"top_potsdam_{tile}_label.tif"))
+        eroded = _first(index.get(f"top_potsdam_{tile}_label_noBoundary.tif"))
+        label = (eroded or full) if split == "test" else (full or eroded)
+        if label is None:
+            missing.append(f"label top_potsdam_{tile}_label.tif for {image}")
+            continue
+        if split == "test" and eroded is None:
+            fallback_eroded.append(tile)
+        tiles.append(SourceTile(tile, split, image, label, "rgb", tuple(indexes)))
+    if fallback_eroded:
+        warnings.warn(
+            f"no eroded (_noBoundary) labels for test tile(s) {', '.join(fallback_eroded)}; "
+            "they are scored on the full labels",
+            DataWarning,
+            stacklevel=3,
+        )
+    return tiles, missing
+
+
+# LoveDA's test masks are not public, so its official Val split is our test split and our
+# validation split is held out from Train.
+_LOVEDA_SPLITS = {"train": "train", "val": "test"}
+
+
+def _find_loveda(index: dict[str, list[Path]]) -> tuple[list[SourceTile], list]:
+    tiles, missing = [], []
+    for name, paths in sorted(index.items()):
+        if not name.lower().endswith(".png"):
+            continue
+        for image in sorted(paths):
+            if image.parent.name != "images_png":
+                continue
+            scene, split_dir = image.parent.parent.name, image.parent.parent.parent.name
+            split = _LOVEDA_SPLITS.get(split_dir.lower())
+            if split is None or scene.lower() not in ("urban", "rural"):
+                continue
+            label = image.parent.parent / "masks_png" / name
+            if not label.is_file():
+                missing.append(f"mask {label} for {image}")
+                continue
+            tile_id = f"{split_dir.lower()}-{scene.lower()}-{image.stem}"
+            tiles.append(SourceTile(tile_id, split, image, label, "loveda", (1, 2, 3)))
+    return tiles, missing
+
+
+def find_source_tiles(
+    dataset: str,
+    data_root: str | os.PathLike[str],
+    work_dir: str | os.PathLike[str],
+    bands: str | None = None,
+) -> list[SourceTile]:
+    """All usable tiles of ``dataset`` below ``data_root``, archives extracted into ``work_dir``.
+
+    Raises DataError naming the expected files when nothing (or an image without its label) is
+    found. Tiles absent altogether are allowed (a partial copy of a dataset still prepares).
+    """
+    get_spec(dataset)  # unknown names fail here with the list of valid ones
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist; put {EXPECTED_FILES[dataset]} there")
+    work = Path(work_dir)
+    extracted = _extract_archives(root, work / ".extracted")
+    index = _index_files([root, *extracted], skip=[work])
+    if dataset in ("vaihingen", "synthetic"):
+        tiles, missing = _find_vaihingen(index, dataset)
+    elif dataset == "potsdam":
+        tiles, missing = _find_potsdam(index, bands)
+    elif dataset == "loveda":
+        tiles, missing = _find_loveda(index)
+    else:  # pragma: no cover - every spec has a layout
+        raise DataError(f"dataset {dataset!r} has no known file layout")
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"incomplete {dataset} layout under {root}: missing {missing[0]}{more}")
+    if not tiles:
+        raise DataError(f"no {dataset} data under {root}: expected {EXPECTED_FILES[dataset]}")
+    return tiles

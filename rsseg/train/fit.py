@@ -1,0 +1,256 @@
+"""``train(cfg)``: one training run on PyTorch Lightning, ending in a model bundle.
+
+Run folder ``<output_dir>/<run_name>/``: ``config.yaml`` (the resolved config),
+``checkpoints/best.ckpt`` (best validation mIoU) and ``checkpoints/last.ckpt``, ``logs/metrics.csv``
+(TensorBoard events too when tensorboard is installed) and ``best.safetensors``, the bundle that
+``rsseg eval`` and ``rsseg predict`` take.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from rsseg.config import TrainConfig
+from rsseg.data.prepare import ensure_prepared, read_manifest
+from rsseg.data.specs import get_spec
+from rsseg.errors import DataError, UsageError
+
+# Set by the launching process so that DDP worker processes (which re-run the command) use the
+# same run folder instead of picking a fresh one.
+_RUN_DIR_ENV = "RSSEG_RUN_DIR"
+
+
+@dataclass
+class TrainResult:
+    bundle_path: Path | None  # None on non-zero DDP ranks
+    best_val_miou: float | None
+    run_dir: Path
+    data_dir: Path
+    best_checkpoint: Path | None
+    last_checkpoint: Path | None
+    metrics_csv: Path | None
+
+
+def _run_dir(cfg: TrainConfig) -> Path:
+    if os.environ.get(_RUN_DIR_ENV):
+        return Path(os.environ[_RUN_DIR_ENV])
+    base = Path(cfg.output_dir).expanduser()
+    name = cfg.run_name or f"{cfg.model}-{cfg.dataset}"
+    run_dir = base / name
+    if cfg.resume:
+        return run_dir
+    # Never mix a new run's checkpoints into an old run's folder.
+    n = 2
+    while (run_dir / "checkpoints").exists() or (run_dir / "best.safetensors").exists():
+        run_dir = base / f"{name}-{n}"
+        n += 1
+    return run_dir
+
+
+def _synthetic_data(cfg: TrainConfig, run_dir: Path) -> Path:
+    """Generate the synthetic dataset in the Vaihingen layout and prepare it (once)."""
+    from rsseg.data.prepare import prepare_dataset
+    from rsseg.data.synthetic import write_vaihingen_layout
+
+    root = Path(cfg.data_dir).expanduser() if cfg.data_dir else run_dir / "data"
+    prepared = root / "prepared"
+    if (prepared / "manifest.json").is_file():
+        return prepared
+    raw = root / "raw"
+    if not raw.is_dir():
+        write_vaihingen_layout(raw, areas=cfg.synthetic_areas, size=cfg.synthetic_tile_size, seed=cfg.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # synthetic tiles: no eroded labels, by design
+        return prepare_dataset("synthetic", raw, prepared, patch=cfg.patch_size,
+                               val_fraction=cfg.val_fraction, seed=cfg.seed, progress=cfg.progress)
+
+
+def resolve_data(cfg: TrainConfig, run_dir: Path) -> Path:
+    """The prepared folder this run trains on (generated or prepared on first use)."""
+    if cfg.dataset == "synthetic":
+        if cfg.data_dir and (Path(cfg.data_dir) / "manifest.json").is_file():
+            return Path(cfg.data_dir)
+        return _synthetic_data(cfg, run_dir)
+    return ensure_prepared(cfg.dataset, cfg.data_dir, bands=cfg.bands, patch=cfg.patch_size,
+                           val_fraction=cfg.val_fraction, seed=cfg.seed, progress=cfg.progress)
+
+
+def _precision(cfg: TrainConfig) -> str:
+    if cfg.precision:
+        return cfg.precision
+    if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda"):
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def _workers(cfg: TrainConfig) -> int:
+    if cfg.workers is not None:
+        return cfg.workers
+    return min(4, os.cpu_count() or 1)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    if cfg.batch_size < 1 or cfg.crop_size < 16 or cfg.patch_size < 16:
+        raise UsageError("batch_size must be >= 1 and crop/patch sizes >= 16")
+    if cfg.epochs < 1 and cfg.max_steps <= 0:
+        raise UsageError("set epochs >= 1 or max_steps > 0")
+    if cfg.scheduler not in ("cosine_restarts", "cosine", "poly", "none"):
+        raise UsageError(f"unknown scheduler {cfg.scheduler!r}; valid: cosine_restarts, cosine, poly, none")
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.dataset``; returns where the bundle and logs are."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader
+
+    from rsseg.bundle import BundleMeta, save_bundle
+    from rsseg.data.patches import PatchDataset
+    from rsseg.models.registry import create_model
+    from rsseg.train.metrics import convention_text
+    from rsseg.train.module import SegmentationModule
+
+    _validate(cfg)
+    spec = get_spec(cfg.dataset)
+    run_dir = _run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ[_RUN_DIR_ENV] = str(run_dir)
+    try:
+        data_dir = resolve_data(cfg, run_dir)
+        manifest = read_manifest(data_dir)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+        train_ds = PatchDataset(data_dir, "train", augment=cfg.augment, crop_size=cfg.crop_size)
+        val_ds = PatchDataset(data_dir, "val")
+        if len(train_ds) == 0:
+            raise DataError(f"{data_dir}: no training patches")
+        in_channels = len(manifest["band_indexes"])
+        model = create_model(cfg.model, spec.num_classes, in_channels, **cfg.model_cfg)
+        module = SegmentationModule(
+            model,
+            num_classes=spec.num_classes,
+            ignore_index=spec.ignore_index,
+            mean=manifest["mean"],
+            std=manifest["std"],
+            mean_classes=spec.mean_class_indices,
+            lr=cfg.lr,
+            backbone_lr=cfg.backbone_lr,
+            weight_decay=cfg.weight_decay,
+            scheduler=cfg.scheduler,
+            t_0=cfg.t_0,
+            t_mult=cfg.t_mult,
+            total_epochs=cfg.epochs,
+            total_steps=cfg.max_steps,
+            label_smoothing=cfg.loss_label_smoothing,
+            dice_smooth=cfg.dice_smooth,
+            aux_weight=cfg.aux_weight,
+        )
+        workers = _workers(cfg)
+        loader_args = dict(num_workers=workers, persistent_workers=workers > 0,
+                           pin_memory=torch.cuda.is_available())
+        train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True,
+                                  drop_last=len(train_ds) >= cfg.batch_size, **loader_args)
+        has_val = len(val_ds) > 0
+        val_loader = DataLoader(val_ds, batch_size=cfg.val_batch_size, **loader_args) if has_val else None
+
+        ckpt_dir = run_dir / "checkpoints"
+        if has_val:
+            checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_mIoU",
+                                         mode="max", save_top_k=1, save_last=True)
+        else:
+            checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", save_top_k=1, save_last=True)
+        loggers: list = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
+        try:
+            import tensorboard  # noqa: F401
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tb", version=""))
+        except ImportError:
+            pass
+
+        multi = (isinstance(cfg.devices, int) and cfg.devices > 1) or cfg.num_nodes > 1
+        steps_per_epoch = max(1, len(train_loader))
+        trainer = L.Trainer(
+            accelerator=cfg.accelerator,
+            devices=cfg.devices,
+            num_nodes=cfg.num_nodes,
+            strategy="ddp" if multi else "auto",
+            precision=_precision(cfg),
+            max_epochs=cfg.epochs if cfg.epochs > 0 else -1,
+            max_steps=cfg.max_steps,
+            callbacks=[checkpoint],
+            logger=loggers,
+            default_root_dir=str(run_dir),
+            enable_model_summary=False,
+            enable_progress_bar=cfg.progress,
+            log_every_n_steps=min(50, steps_per_epoch),
+            check_val_every_n_epoch=cfg.val_every,
+            limit_val_batches=cfg.limit_val_batches,
+            num_sanity_val_steps=0,
+            gradient_clip_val=cfg.grad_clip,
+        )
+        if trainer.is_global_zero:
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+        resume = None
+        if cfg.resume:
+            resume = ckpt_dir / "last.ckpt" if cfg.resume == "last" else Path(cfg.resume)
+            if not resume.is_file():
+                raise DataError(f"cannot resume: checkpoint {resume} does not exist")
+        trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)
+
+        best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+        last_path = ckpt_dir / "last.ckpt"
+        best_score = checkpoint.best_model_score
+        best_miou = float(best_score) if (has_val and best_score is not None) else None
+        if best_miou is not None and math.isnan(best_miou):
+            best_miou = None
+        bundle_path = None
+        if trainer.is_global_zero:
+            weights = best_path if best_path and best_path.is_file() else last_path
+            if weights.is_file():
+                state = torch.load(weights, map_location="cpu", weights_only=True)["state_dict"]
+                prefix = "model."
+                model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            model.eval()
+            meta = BundleMeta(
+                model_name=cfg.model,
+                model_config=dict(cfg.model_cfg),
+                class_names=list(spec.classes),
+                class_colors=[list(c) for c in spec.colors],
+                ignore_index=spec.ignore_index,
+                bands=list(manifest["band_indexes"]),
+                band_names=list(manifest["band_names"]),
+                mean=[float(v) for v in manifest["mean"]],
+                std=[float(v) for v in manifest["std"]],
+                patch_size=cfg.crop_size,
+                gsd_m=manifest.get("gsd_m"),
+                dataset=cfg.dataset,
+                extra={
+                    "best_val_miou": best_miou,
+                    "val_convention": convention_text(spec.classes, spec.mean_class_indices),
+                    "band_set": manifest["bands"],
+                    "train_config": cfg.to_dict(),
+                },
+            )
+            bundle_path = save_bundle(run_dir / "best.safetensors", model, meta)
+        metrics_csv = run_dir / "logs" / "metrics.csv"
+        return TrainResult(
+            bundle_path=bundle_path,
+            best_val_miou=best_miou,
+            run_dir=run_dir,
+            data_dir=data_dir,
+            best_checkpoint=best_path,
+            last_checkpoint=last_path if last_path.is_file() else None,
+            metrics_csv=metrics_csv if metrics_csv.is_file() else None,
+        )
+    finally:
+        os.environ.pop(_RUN_DIR_ENV, None)
