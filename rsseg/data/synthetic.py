@@ -116,7 +116,7 @@ def _hash2d(key: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         r = np.asarray(rows, dtype=np.int64).astype(np.uint64)
         c = np.asarray(cols, dtype=np.int64).astype(np.uint64)
-        return _mix64(_mix64(r * _K_Y + _U64(key)) ^ (c * _K_X))
+        return _mix64((r * _K_Y + _U64(key)) ^ (c * _K_X))
 
 
 def _to_unit(h: np.ndarray, shift: int = 40) -> np.ndarray:
@@ -143,7 +143,12 @@ def _value_noise(key: int, r0: int, c0: int, h: int, w: int, cell: float) -> np.
     jx = ix - x0
     across = grid[:, jx] * (1.0 - sx) + grid[:, jx + 1] * sx
     jy = iy - y0
-    return across[jy] * (1.0 - sy)[:, None] + across[jy + 1] * sy[:, None]
+    out = across[jy + 1]
+    low = across[jy]
+    out -= low
+    out *= sy[:, None]
+    out += low
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,6 +526,10 @@ def _block_objects(world: _World, i: int, j: int) -> tuple[_Obj, ...]:
 # --------------------------------------------------------------------------------------------
 # Rendering a window.
 # --------------------------------------------------------------------------------------------
+# Noise fields that large objects (streets, lots) use: computed once per window.
+_SHARED_NOISE = {1, 3, 4, 12, 13}
+
+
 class _Canvas:
     """A window of the world: label and image arrays plus rasterisers in global pixel space."""
 
@@ -528,12 +537,29 @@ class _Canvas:
         self.world, self.r0, self.c0, self.h, self.w = world, r0, c0, h, w
         self._noise: dict[tuple[int, float], np.ndarray] = {}
 
-    def noise(self, tag: int, cell_m: float) -> np.ndarray:
-        k = (tag, cell_m)
-        if k not in self._noise:
-            cell = max(cell_m / self.world.gsd, 1.0)
-            self._noise[k] = _value_noise(_key(self.world.seed, 100, tag), self.r0, self.c0, self.h, self.w, cell)
-        return self._noise[k]
+    def noise(self, tag: int, cell_m: float, sl: tuple[slice, slice] | None = None) -> np.ndarray:
+        """Value noise in [-1, 1] with features of ``cell_m`` metres, over the window or over
+        the box ``sl``. Fields used by large objects are computed once for the whole window;
+        the others only where asked (same values either way: they depend on coordinates only)."""
+        cell = max(cell_m / self.world.gsd, 1.0)
+        key = _key(self.world.seed, 100, tag)
+        if sl is not None and tag not in _SHARED_NOISE:
+            rs, cs = sl
+            return _value_noise(key, self.r0 + rs.start, self.c0 + cs.start, rs.stop - rs.start,
+                                cs.stop - cs.start, cell)  # fmt: skip
+        if tag not in self._noise:
+            self._noise[tag] = _value_noise(key, self.r0, self.c0, self.h, self.w, cell)
+        return self._noise[tag] if sl is None else self._noise[tag][sl]
+
+    def fine(self, k: int, sl: tuple[slice, slice] | None = None) -> np.ndarray:
+        """Per-pixel white noise in [-1, 1) (three independent fields from one hash): grain
+        finer than a pixel, e.g. leaves, gravel, grass blades."""
+        if "fine" not in self._noise:
+            h = _hash2d(_key(self.world.seed, 101), np.arange(self.r0, self.r0 + self.h)[:, None],
+                        np.arange(self.c0, self.c0 + self.w)[None, :])  # fmt: skip
+            self._noise["fine"] = [_to_unit(h, shift) * 2.0 - 1.0 for shift in (8, 29, 40)]
+        field = self._noise["fine"][k]
+        return field if sl is None else field[sl]
 
     def box(self, xmin: float, ymin: float, xmax: float, ymax: float):
         """Window slices covering the pixel centres in a global bbox, and their coordinates."""
@@ -597,13 +623,13 @@ def _texture(cv: _Canvas, obj: _Obj, sl, xs, ys) -> np.ndarray:
     if t == "flat":
         return np.broadcast_to(base, (3, ys.shape[0], xs.shape[1]))
     if t == "asphalt":
-        f = 1.0 + 0.05 * cv.noise(11, 0.25)[sl] + 0.06 * cv.noise(12, 3.0)[sl]
+        f = 1.0 + 0.05 * cv.fine(0, sl) + 0.06 * cv.noise(12, 3.0, sl)
     elif t == "paving":
-        f = 1.0 + 0.04 * cv.noise(11, 0.25)[sl] + 0.04 * cv.noise(13, 1.5)[sl]
+        f = 1.0 + 0.04 * cv.fine(0, sl) + 0.04 * cv.noise(13, 1.5, sl)
     elif t == "soil":
-        f = 1.0 + 0.12 * cv.noise(14, 0.6)[sl] + 0.1 * cv.noise(15, 4.0)[sl]
+        f = 1.0 + 0.12 * cv.noise(14, 0.6, sl) + 0.1 * cv.noise(15, 4.0, sl)
     elif t == "smooth":
-        f = 1.0 + 0.03 * cv.noise(12, 3.0)[sl]
+        f = 1.0 + 0.03 * cv.noise(12, 3.0, sl)
     else:
         raise ValueError(t)
     return base * f[None]
@@ -646,9 +672,9 @@ def _draw(cv: _Canvas, obj: _Obj, label, img, shade) -> None:
             facing = -(nx * sdx + ny * sdy)  # > 0: the +across half faces the sun
             lit = np.where(across > 0, 1.0 + 0.2 * facing, 1.0 - 0.2 * facing).astype(np.float32)
             stripes = 1.0 + 0.05 * np.sin(across * (2 * math.pi / max(stripe * 1.2, 2.5))).astype(np.float32)
-            f = lit * stripes * (1.0 + 0.03 * cv.noise(11, 0.25)[sl])
+            f = lit * stripes * (1.0 + 0.03 * cv.fine(0, sl))
         else:
-            f = 1.0 + 0.05 * cv.noise(16, 0.5)[sl] + 0.04 * cv.noise(13, 1.5)[sl]
+            f = 1.0 + 0.05 * cv.noise(16, 0.5, sl) + 0.04 * cv.noise(13, 1.5, sl)
         color = base * f[None]
     elif obj.kind == "car":
         cx, cy, ang, length, width = obj.extra
@@ -662,7 +688,7 @@ def _draw(cv: _Canvas, obj: _Obj, label, img, shade) -> None:
         sdx, sdy = w.params["shadow_dir"]
         towards_sun = -((xs - x) * sdx + (ys - y) * sdy) / r
         f = (0.72 + 0.3 * (1.0 - d2) + 0.14 * towards_sun).astype(np.float32)
-        f = f * (1.0 + 0.16 * cv.noise(17, 0.35)[sl] + 0.14 * cv.noise(19, 0.12)[sl] + 0.08 * cv.noise(18, 1.2)[sl])
+        f = f * (1.0 + 0.16 * cv.noise(17, 0.35, sl) + 0.1 * cv.fine(1, sl) + 0.08 * cv.noise(18, 1.2, sl))
         color = base * f[None]
     _paint(cv, label, img, got, obj.cls, color)
 
@@ -681,9 +707,13 @@ def render_window(
     cv = _Canvas(world, row0, col0, height, width)
     # Ground: low vegetation everywhere, with dry patches and fine grass texture.
     label = np.full((height, width), LOW_VEG, dtype=np.uint8)
-    dry = np.clip(cv.noise(1, 12.0) * 1.5 + 0.2, 0.0, 1.0)[None]
-    grass = (_GRASS[:, None, None] * (1 - dry) + _DRY_GRASS[:, None, None] * dry).astype(np.float32)
-    img = grass * (1.0 + 0.06 * cv.noise(2, 0.3) + 0.07 * cv.noise(3, 2.5))[None]
+    dry = np.clip(cv.noise(1, 12.0) * 1.5 + 0.2, 0.0, 1.0)
+    texture = 1.0 + 0.05 * cv.fine(2) + 0.07 * cv.noise(3, 2.5)
+    img = np.empty((3, height, width), dtype=np.float32)
+    for band in range(3):
+        img[band] = dry * np.float32(_DRY_GRASS[band] - _GRASS[band])
+        img[band] += np.float32(_GRASS[band])
+        img[band] *= texture
     shade = np.ones((height, width), dtype=np.float32)
     objs = [o for cell in _cells_for_window(world, row0, col0, height, width) for o in _block_objects(world, *cell)]
     objs.sort(key=lambda o: o.layer)  # stable: keeps the global block order within a layer
@@ -699,7 +729,8 @@ def render_window(
     h = _hash2d(_key(world.seed, 5), np.arange(row0, row0 + height)[:, None], np.arange(col0, col0 + width)[None, :])
     for band, shift in enumerate((8, 29, 40)):
         img[band] += (_to_unit(h, shift) - 0.5) * np.float32(10.0)
-    return np.clip(np.rint(img), 1, 255).astype(np.uint8), label
+    np.clip(img, 1, 255, out=img)
+    return np.rint(img, out=img).astype(np.uint8), label
 
 
 def generate_tile(
