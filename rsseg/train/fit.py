@@ -238,6 +238,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     "best_val_miou": best_miou,
                     "val_convention": convention_text(spec.classes, spec.mean_class_indices),
                     "band_set": manifest["bands"],
+                    "data_dir": str(Path(data_dir).resolve()),
                     "train_config": cfg.to_dict(),
                 },
             )
