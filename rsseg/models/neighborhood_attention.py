@@ -89,8 +89,8 @@ class _NeighbourQK(torch.autograd.Function):
         for r0 in range(0, h, step):
             r1 = min(h, r0 + step)
             index = _flat_index(idx_r[r0:r1], idx_c, w).reshape(-1)
-            keys = k_flat[:, :, index].reshape(b, n, r1 - r0, w, kk, c)
-            out[:, :, r0:r1] = torch.matmul(keys, q[:, :, r0:r1, :, :, None]).squeeze(-1)
+            keys = k_flat.index_select(2, index).reshape(b, n, r1 - r0, w, kk, c)
+            out[:, :, r0:r1] = torch.einsum("bnhwkc,bnhwc->bnhwk", keys, q[:, :, r0:r1])
         ctx.save_for_backward(q, k, idx_r, idx_c)
         return out
 
@@ -108,10 +108,10 @@ class _NeighbourQK(torch.autograd.Function):
             index = _flat_index(idx_r[r0:r1], idx_c, w).reshape(-1)
             g = grad[:, :, r0:r1]  # (b, n, rows, w, kk)
             if grad_q is not None:
-                keys = k_flat[:, :, index].reshape(b, n, r1 - r0, w, kk, c)
-                grad_q[:, :, r0:r1] = torch.matmul(g[..., None, :], keys).squeeze(-2)
+                keys = k_flat.index_select(2, index).reshape(b, n, r1 - r0, w, kk, c)
+                grad_q[:, :, r0:r1] = torch.einsum("bnhwk,bnhwkc->bnhwc", g, keys)
             if grad_k is not None:
-                contrib = g[..., None] * q[:, :, r0:r1, :, None, :]  # (b, n, rows, w, kk, c)
+                contrib = torch.einsum("bnhwk,bnhwc->bnhwkc", g, q[:, :, r0:r1])
                 grad_k.index_add_(2, index, contrib.reshape(b, n, -1, c))
         if grad_k is not None:
             grad_k = grad_k.reshape_as(k)
@@ -131,8 +131,8 @@ class _NeighbourAV(torch.autograd.Function):
         for r0 in range(0, h, step):
             r1 = min(h, r0 + step)
             index = _flat_index(idx_r[r0:r1], idx_c, w).reshape(-1)
-            values = v_flat[:, :, index].reshape(b, n, r1 - r0, w, kk, c)
-            out[:, :, r0:r1] = torch.matmul(attn[:, :, r0:r1, :, None, :], values).squeeze(-2)
+            values = v_flat.index_select(2, index).reshape(b, n, r1 - r0, w, kk, c)
+            out[:, :, r0:r1] = torch.einsum("bnhwk,bnhwkc->bnhwc", attn[:, :, r0:r1], values)
         ctx.save_for_backward(attn, v, idx_r, idx_c)
         return out
 
@@ -150,10 +150,10 @@ class _NeighbourAV(torch.autograd.Function):
             index = _flat_index(idx_r[r0:r1], idx_c, w).reshape(-1)
             g = grad[:, :, r0:r1]  # (b, n, rows, w, c)
             if grad_attn is not None:
-                values = v_flat[:, :, index].reshape(b, n, r1 - r0, w, kk, c)
-                grad_attn[:, :, r0:r1] = torch.matmul(values, g[..., None]).squeeze(-1)
+                values = v_flat.index_select(2, index).reshape(b, n, r1 - r0, w, kk, c)
+                grad_attn[:, :, r0:r1] = torch.einsum("bnhwkc,bnhwc->bnhwk", values, g)
             if grad_v is not None:
-                contrib = attn[:, :, r0:r1, :, :, None] * g[..., None, :]  # (b, n, rows, w, kk, c)
+                contrib = torch.einsum("bnhwk,bnhwc->bnhwkc", attn[:, :, r0:r1], g)
                 grad_v.index_add_(2, index, contrib.reshape(b, n, -1, c))
         if grad_v is not None:
             grad_v = grad_v.reshape_as(v)
