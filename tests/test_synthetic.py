@@ -220,3 +220,52 @@ def test_user_errors():
         syn.generate_tile(0, seed=1)
     with pytest.raises(UsageError):
         syn.write_vaihingen_layout(Path("never"), areas=[0])
+
+
+def test_scene_is_rendered_window_by_window(tmp_path: Path, monkeypatch):
+    seen = []
+    real = syn.render_window
+
+    def spy(seed, r0, c0, h, w, **kw):
+        seen.append((r0, c0, h, w))
+        return real(seed, r0, c0, h, w, **kw)
+
+    monkeypatch.setattr(syn, "render_window", spy)
+    syn.write_scene(tmp_path / "s.tif", 300, 200, seed=0, tile=128)
+    # Never more than one tile in memory; the windows cover the scene exactly once.
+    assert max(h for *_, h, _ in seen) <= 128 and max(w for *_, w in seen) <= 128
+    cover = np.zeros((300, 200), dtype=int)
+    for r0, c0, h, w in seen:
+        cover[r0 : r0 + h, c0 : c0 + w] += 1
+    assert (cover == 1).all()
+    syn.write_scene_labels(tmp_path / "l.tif", 300, 200, seed=0, tile=128)
+    with rasterio.open(tmp_path / "s.tif") as s, rasterio.open(tmp_path / "l.tif") as lab:
+        img, labels = real(syn._key(0, 9), 0, 0, 300, 200)
+        assert np.array_equal(s.read(), img) and np.array_equal(lab.read(1), labels)
+
+
+def test_default_areas_are_the_33_official_ones(tmp_path: Path):
+    root = syn.write_vaihingen_layout(tmp_path, size=8, seed=0)
+    official = [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 20, 21, 22, 23, 24, 26, 27,
+                28, 29, 30, 31, 32, 33, 34, 35, 37, 38]  # fmt: skip
+    images = sorted(int(p.stem.removeprefix("top_mosaic_09cm_area")) for p in (root / "top").iterdir())
+    assert images == official
+    assert len(list((root / "gts_for_participants").iterdir())) == 16
+    assert len(list(root.glob("*_noBoundary.tif"))) == 33
+
+
+def test_realistic_area_sizes_are_seeded_and_in_range():
+    sizes = syn.area_sizes([1, 2, 3, 4, 5], seed=3)
+    assert sizes == syn.area_sizes([1, 2, 3, 4, 5], seed=3)
+    assert sizes != syn.area_sizes([1, 2, 3, 4, 5], seed=4)
+    assert all(1900 <= s <= 3800 for hw in sizes.values() for s in hw)
+    assert len(set(sizes.values())) == 5
+
+
+def test_project_loader_finds_the_layout(tmp_path: Path):
+    layouts = pytest.importorskip("rsseg.data.layouts")
+    syn.write_vaihingen_layout(tmp_path / "raw", areas=[1, 2], size=64, seed=0, as_zip=True)
+    tiles = {t.tile_id: t for t in layouts.find_source_tiles("vaihingen", tmp_path / "raw", tmp_path / "work")}
+    assert sorted(tiles) == ["1", "2"]
+    assert tiles["1"].split == "train" and tiles["2"].split == "test"
+    assert tiles["2"].label.name == "top_mosaic_09cm_area2_noBoundary.tif"

@@ -574,18 +574,20 @@ class _Canvas:
         return (slice(ra, rb), slice(ca, cb)), xs, ys
 
     def convex(self, verts) -> tuple | None:
-        v = np.asarray(verts, dtype=np.float64)
-        area = np.sum(v[:, 0] * np.roll(v[:, 1], -1) - np.roll(v[:, 0], -1) * v[:, 1])
-        if area < 0:
-            v = v[::-1]
-        got = self.box(v[:, 0].min(), v[:, 1].min(), v[:, 0].max(), v[:, 1].max())
+        """Pixels whose centres lie in a convex polygon (half-plane tests, either orientation)."""
+        px = [float(p[0]) for p in verts]
+        py = [float(p[1]) for p in verts]
+        got = self.box(min(px), min(py), max(px), max(py))  # cheap rejection first
         if got is None:
             return None
+        n = len(px)
+        area = sum(px[k] * py[(k + 1) % n] - px[(k + 1) % n] * py[k] for k in range(n))
+        if area < 0:
+            px, py = px[::-1], py[::-1]
         sl, xs, ys = got
         mask = np.ones((ys.shape[0], xs.shape[1]), dtype=bool)
-        for k in range(len(v)):
-            ax, ay = v[k]
-            bx, by = v[(k + 1) % len(v)]
+        for k in range(n):
+            ax, ay, bx, by = px[k], py[k], px[(k + 1) % n], py[(k + 1) % n]
             mask &= (bx - ax) * (ys - ay) - (by - ay) * (xs - ax) >= 0
         return sl, xs, ys, mask
 
