@@ -183,7 +183,7 @@ def test_scene_is_seamless_across_window_sizes(tmp_path: Path):
         assert np.array_equal(labels, lb.read(1))
         assert la.colormap(1)[1][:3] == (0, 0, 255)
     # A window of the scene equals a crop: content comes from global coordinates only.
-    img, lab = syn.render_window(syn._key(2, 9), 300, 200, 80, 90)
+    img, lab = syn.render_window(syn.scene_seed(2), 300, 200, 80, 90)
     assert np.array_equal(img, pa[:, 300:380, 200:290]) and np.array_equal(lab, labels[300:380, 200:290])
 
 
@@ -240,7 +240,7 @@ def test_scene_is_rendered_window_by_window(tmp_path: Path, monkeypatch):
     assert (cover == 1).all()
     syn.write_scene_labels(tmp_path / "l.tif", 300, 200, seed=0, tile=128)
     with rasterio.open(tmp_path / "s.tif") as s, rasterio.open(tmp_path / "l.tif") as lab:
-        img, labels = real(syn._key(0, 9), 0, 0, 300, 200)
+        img, labels = real(syn.scene_seed(0), 0, 0, 300, 200)
         assert np.array_equal(s.read(), img) and np.array_equal(lab.read(1), labels)
 
 

@@ -60,6 +60,7 @@ __all__ = [
     "erode_boundaries",
     "area_origin",
     "area_seed",
+    "scene_seed",
     "area_sizes",
     "vaihingen_relative_paths",
     "write_vaihingen_layout",
@@ -320,9 +321,10 @@ class _BlockBuilder:
         corners, centre, px_ang = _rect(w, cu, cv, hu, hv, ang)
         # Gable ridge along the longer side.
         ridge = px_ang if hu >= hv else px_ang + math.pi / 2
+        along, across = max(hu, hv), min(hu, hv)
         self.objs.append(
             _Obj(L_BUILDING, "roof", corners, BUILDING, tuple(color), "flat" if flat else "gable",
-                 (centre[0], centre[1], ridge, w.m(0.3)))  # fmt: skip
+                 (centre[0], centre[1], ridge, w.m(0.3), along, across, w.m(0.4)))  # fmt: skip
         )
         self.objs.append(_shadow_of(w, corners, height_m, 0.5))
         r = math.hypot(hu, hv)
@@ -665,18 +667,25 @@ def _draw(cv: _Canvas, obj: _Obj, label, img, shade) -> None:
     if obj.kind == "poly":
         color = _texture(cv, obj, sl, xs, ys)
     elif obj.kind == "roof":
-        cx, cy, ridge, stripe = obj.extra
+        cx, cy, ridge, stripe, half_along, half_across, rim = obj.extra
         # Across-ridge coordinate: its sign says which roof half a pixel is on.
         nx, ny = -math.sin(ridge), math.cos(ridge)
         across = (xs - cx) * nx + (ys - cy) * ny
+        along = (xs - cx) * ny - (ys - cy) * nx
         sdx, sdy = w.params["shadow_dir"]
         if obj.texture == "gable":
             facing = -(nx * sdx + ny * sdy)  # > 0: the +across half faces the sun
             lit = np.where(across > 0, 1.0 + 0.2 * facing, 1.0 - 0.2 * facing).astype(np.float32)
-            stripes = 1.0 + 0.05 * np.sin(across * (2 * math.pi / max(stripe * 1.2, 2.5))).astype(np.float32)
+            # Tile rows as a triangle wave: plain arithmetic, so every window rounds alike
+            # (vectorised sin may differ in the last bit between array lengths).
+            phase = across / max(stripe * 1.2, 2.5)
+            stripes = (1.0 + 0.1 * (np.abs(phase - np.floor(phase) - 0.5) - 0.25)).astype(np.float32)
             f = lit * stripes * (1.0 + 0.03 * cv.fine(0, sl))
-        else:
+            f = np.where(np.abs(across) < 0.5 * rim, np.float32(1.12), f)  # ridge cap
+        else:  # flat: gravel grain and a bright parapet rim
             f = 1.0 + 0.05 * cv.noise(16, 0.5, sl) + 0.04 * cv.noise(13, 1.5, sl)
+            edge = (np.abs(along) > half_along - rim) | (np.abs(across) > half_across - rim)
+            f = np.where(edge, np.float32(1.18), f)
         color = base * f[None]
     elif obj.kind == "car":
         cx, cy, ang, length, width = obj.extra
@@ -955,6 +964,11 @@ def _scene_profile(height, width, count, dtype, nodata, transform, block) -> dic
     )  # fmt: skip
 
 
+def scene_seed(seed: int) -> int:
+    """The world seed of the scenes written with ``seed`` (a village apart from the tiles')."""
+    return _key(seed, 9)
+
+
 def _write_scene(path, height, width, seed, tile, nodata_border, dtype, blockwise, labels_path, gsd_m):
     if height <= 0 or width <= 0:
         raise UsageError(f"scene size must be positive, got {height} x {width}")
@@ -963,7 +977,7 @@ def _write_scene(path, height, width, seed, tile, nodata_border, dtype, blockwis
     if tile <= 0:
         raise UsageError(f"tile must be positive, got {tile}")
     np_dtype, scale = _SCENE_DTYPES[dtype]
-    world_seed = _key(seed, 9)
+    world_seed = scene_seed(seed)
     transform = _north_up(*_SCENE_ORIGIN, gsd_m)
     step = tile if blockwise else max(height, width)
     outputs = []
