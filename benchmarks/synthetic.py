@@ -58,43 +58,71 @@ def tile_speed(repeats: int = 3) -> None:
     with tempfile.TemporaryDirectory() as d:
         for seed in range(repeats):
             out: dict = {}
-            gen.append(_cpu(lambda: out.setdefault("t", synthetic.generate_tile(1024, 1000 + seed))))
+            gen.append(
+                _cpu(lambda: out.setdefault("t", synthetic.generate_tile(1024, 1000 + seed)))
+            )
             img = out["t"][0]
 
             def write_tile() -> None:
-                profile = dict(driver="GTiff", width=1024, height=1024, count=3, dtype="uint8",
-                               crs=synthetic.CRS, transform=Affine.scale(0.09, -0.09))  # fmt: skip
+                profile = dict(
+                    driver="GTiff",
+                    width=1024,
+                    height=1024,
+                    count=3,
+                    dtype="uint8",
+                    crs=synthetic.CRS,
+                    transform=Affine.scale(0.09, -0.09),
+                )
                 with rasterio.open(Path(d) / f"t{seed}.tif", "w", **profile) as dst:
                     dst.write(img)
 
             write.append(_cpu(write_tile))
             assert np.array_equal(img, synthetic.generate_tile(1024, 1000 + seed)[0])
     g, w = statistics.median(gen), statistics.median(write)
-    print(f"1024x1024 tile: {g:.3f} s CPU (median of {repeats} seeds, fresh seeds: includes layout)")
-    print(f"baseline, GeoTIFF write of that tile: {w:.3f} s CPU; ratio generate/write = {g / w:.1f}x")
+    print(
+        f"1024x1024 tile: {g:.3f} s CPU (median of {repeats} seeds, fresh seeds: includes layout)"
+    )
+    print(
+        f"baseline, GeoTIFF write of that tile: {w:.3f} s CPU; ratio generate/write = {g / w:.1f}x"
+    )
 
 
 def scene_memory(sizes: tuple[int, int]) -> None:
     growth = {}
     for size in sizes:
         t = time.time()
-        res = subprocess.run([sys.executable, "-c", _SCENE_CHILD, str(size)], capture_output=True,
-                             text=True, check=True, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+        res = subprocess.run(
+            [sys.executable, "-c", _SCENE_CHILD, str(size)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         growth[size] = json.loads(res.stdout.strip().splitlines()[-1])["growth_mib"]
         full = 3 * size * size / 2**20
-        print(f"scene {size}x{size}: peak RSS growth {growth[size]:.0f} MiB "
-              f"(full uint8 image would be {full:.0f} MiB), {time.time() - t:.1f} s wall")  # fmt: skip
+        print(
+            f"scene {size}x{size}: peak RSS growth {growth[size]:.0f} MiB "
+            f"(full uint8 image would be {full:.0f} MiB), {time.time() - t:.1f} s wall"
+        )
     large = sizes[-1]
-    print(f"ratio growth / full uint8 image at {large}^2: {growth[large] / (3 * large * large / 2**20):.3f}")
+    print(
+        f"ratio growth / full uint8 image at {large}^2: "
+        f"{growth[large] / (3 * large * large / 2**20):.3f}"
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="smaller scenes")
     args = ap.parse_args()
     tile_speed()
     scene_memory((1024, 2048) if args.quick else (2048, 6144))
-    print(f"(this process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
+    print(
+        "(this process peak RSS "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)"
+    )
 
 
 if __name__ == "__main__":

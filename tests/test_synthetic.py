@@ -1,4 +1,4 @@
-"""Synthetic Vaihingen-like data: determinism, georeferencing, label coding, layout, seamless scenes."""
+"""Synthetic Vaihingen-like data: determinism, georeference, label coding, layout, scenes."""
 
 from __future__ import annotations
 
@@ -114,8 +114,11 @@ def test_vaihingen_layout_extracted(tmp_path: Path):
         ref_img, ref_lab = syn.generate_tile((h, w), syn.area_seed(7, a))
         east, north = syn.area_origin(a)
         origins.add((east, north))
-        paths = [root / "top" / f"top_mosaic_09cm_area{a}.tif", root / f"top_mosaic_09cm_area{a}.tif",
-                 root / f"top_mosaic_09cm_area{a}_noBoundary.tif"]  # fmt: skip
+        paths = [
+            root / "top" / f"top_mosaic_09cm_area{a}.tif",
+            root / f"top_mosaic_09cm_area{a}.tif",
+            root / f"top_mosaic_09cm_area{a}_noBoundary.tif",
+        ]
         for p in paths:
             with rasterio.open(p) as src:
                 assert src.crs.to_epsg() == 32632
@@ -151,12 +154,17 @@ def test_vaihingen_layout_zipped(tmp_path: Path):
         [syn.IMAGE_ARCHIVE, syn.LABEL_ARCHIVE, syn.ERODED_ARCHIVE]
     )
     expected = {
-        syn.IMAGE_ARCHIVE: ["gts_for_participants/top_mosaic_09cm_area3.tif",
-                            "top/top_mosaic_09cm_area3.tif", "top/top_mosaic_09cm_area4.tif"],
+        syn.IMAGE_ARCHIVE: [
+            "gts_for_participants/top_mosaic_09cm_area3.tif",
+            "top/top_mosaic_09cm_area3.tif",
+            "top/top_mosaic_09cm_area4.tif",
+        ],
         syn.LABEL_ARCHIVE: ["top_mosaic_09cm_area3.tif", "top_mosaic_09cm_area4.tif"],
-        syn.ERODED_ARCHIVE: ["top_mosaic_09cm_area3_noBoundary.tif",
-                             "top_mosaic_09cm_area4_noBoundary.tif"],
-    }  # fmt: skip
+        syn.ERODED_ARCHIVE: [
+            "top_mosaic_09cm_area3_noBoundary.tif",
+            "top_mosaic_09cm_area4_noBoundary.tif",
+        ],
+    }
     for archive, members in expected.items():
         with zipfile.ZipFile(tmp_path / "z" / archive) as zf:
             assert sorted(zf.namelist()) == members
@@ -184,14 +192,25 @@ def test_scene_is_seamless_across_window_sizes(tmp_path: Path):
         assert la.colormap(1)[1][:3] == (0, 0, 255)
     # A window of the scene equals a crop: content comes from global coordinates only.
     img, lab = syn.render_window(syn.scene_seed(2), 300, 200, 80, 90)
-    assert np.array_equal(img, pa[:, 300:380, 200:290]) and np.array_equal(lab, labels[300:380, 200:290])
+    assert np.array_equal(img, pa[:, 300:380, 200:290]) and np.array_equal(
+        lab, labels[300:380, 200:290]
+    )
 
 
 def test_scene_nodata_border_and_dtypes(tmp_path: Path):
     h, w, border = 300, 260, 30
-    p8 = syn.write_scene(tmp_path / "s8.tif", h, w, seed=4, tile=128, nodata_border=border,
-                         labels_path=tmp_path / "l.tif")  # fmt: skip
-    p16 = syn.write_scene(tmp_path / "s16.tif", h, w, seed=4, tile=200, nodata_border=border, dtype="uint16")
+    p8 = syn.write_scene(
+        tmp_path / "s8.tif",
+        h,
+        w,
+        seed=4,
+        tile=128,
+        nodata_border=border,
+        labels_path=tmp_path / "l.tif",
+    )
+    p16 = syn.write_scene(
+        tmp_path / "s16.tif", h, w, seed=4, tile=200, nodata_border=border, dtype="uint16"
+    )
     pf = syn.write_scene(tmp_path / "sf.tif", h, w, seed=4, nodata_border=border, dtype="float32")
     with rasterio.open(p8) as s8, rasterio.open(p16) as s16, rasterio.open(pf) as sf:
         assert s8.nodata == 0 and s16.nodata == 0 and sf.nodata == 0
@@ -246,9 +265,44 @@ def test_scene_is_rendered_window_by_window(tmp_path: Path, monkeypatch):
 
 def test_default_areas_are_the_33_official_ones(tmp_path: Path):
     root = syn.write_vaihingen_layout(tmp_path, size=8, seed=0)
-    official = [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 20, 21, 22, 23, 24, 26, 27,
-                28, 29, 30, 31, 32, 33, 34, 35, 37, 38]  # fmt: skip
-    images = sorted(int(p.stem.removeprefix("top_mosaic_09cm_area")) for p in (root / "top").iterdir())
+    official = [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+        8,
+        10,
+        11,
+        12,
+        13,
+        14,
+        15,
+        16,
+        17,
+        20,
+        21,
+        22,
+        23,
+        24,
+        26,
+        27,
+        28,
+        29,
+        30,
+        31,
+        32,
+        33,
+        34,
+        35,
+        37,
+        38,
+    ]
+    images = sorted(
+        int(p.stem.removeprefix("top_mosaic_09cm_area")) for p in (root / "top").iterdir()
+    )
     assert images == official
     assert len(list((root / "gts_for_participants").iterdir())) == 16
     assert len(list(root.glob("*_noBoundary.tif"))) == 33
@@ -265,7 +319,10 @@ def test_realistic_area_sizes_are_seeded_and_in_range():
 def test_project_loader_finds_the_layout(tmp_path: Path):
     layouts = pytest.importorskip("rsseg.data.layouts")
     syn.write_vaihingen_layout(tmp_path / "raw", areas=[1, 2], size=64, seed=0, as_zip=True)
-    tiles = {t.tile_id: t for t in layouts.find_source_tiles("vaihingen", tmp_path / "raw", tmp_path / "work")}
+    tiles = {
+        t.tile_id: t
+        for t in layouts.find_source_tiles("vaihingen", tmp_path / "raw", tmp_path / "work")
+    }
     assert sorted(tiles) == ["1", "2"]
     assert tiles["1"].split == "train" and tiles["2"].split == "test"
     assert tiles["2"].label.name == "top_mosaic_09cm_area2_noBoundary.tif"

@@ -109,7 +109,11 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 def _key(*parts: int) -> int:
     """A 64-bit key from small integers (seed, tags, indices), stable across platforms."""
-    return int(np.random.SeedSequence([p & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0])
+    return int(
+        np.random.SeedSequence([p & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(
+            1, np.uint64
+        )[0]
+    )
 
 
 def _hash2d(key: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -222,26 +226,40 @@ _SIDEWALK = np.array([152.0, 150.0, 146.0])
 _MARKING = np.array([228.0, 228.0, 226.0])
 _PAVINGS = np.array([[168, 160, 150], [138, 134, 130], [186, 180, 176], [122, 119, 116]], float)
 _ROOFS = np.array(
-    [[172, 122, 96], [150, 108, 88], [128, 126, 124], [84, 84, 90], [204, 194, 188],
-     [138, 102, 84], [112, 118, 126]],
+    [
+        [172, 122, 96],
+        [150, 108, 88],
+        [128, 126, 124],
+        [84, 84, 90],
+        [204, 194, 188],
+        [138, 102, 84],
+        [112, 118, 126],
+    ],
     float,
-)  # fmt: skip
+)
 _CARS = np.array(
-    [[232, 232, 230], [38, 38, 44], [124, 124, 128], [118, 176, 44], [44, 52, 96],
-     [168, 196, 182], [96, 60, 140]],
+    [
+        [232, 232, 230],
+        [38, 38, 44],
+        [124, 124, 128],
+        [118, 176, 44],
+        [44, 52, 96],
+        [168, 196, 182],
+        [96, 60, 140],
+    ],
     float,
-)  # fmt: skip
+)
 _CLUTTER_ODD = np.array(
-    [[42, 70, 150], [60, 120, 190], [210, 92, 44], [226, 60, 200], [40, 160, 150],
-     [90, 170, 90]],
+    [[42, 70, 150], [60, 120, 190], [210, 92, 44], [226, 60, 200], [40, 160, 150], [90, 170, 90]],
     float,
-)  # fmt: skip
+)
 _WATER = np.array([38.0, 92.0, 160.0])
 _SOIL = np.array([136.0, 128.0, 104.0])
 
 # Draw order (painter's algorithm); objects of one layer are drawn in a global block order.
-(L_SIDEWALK, L_ASPHALT, L_MARKING, L_PAVING, L_CLUTTER, L_CAR, L_SHADOW, L_BUILDING,
- L_TREE) = range(9)  # fmt: skip
+L_SIDEWALK, L_ASPHALT, L_MARKING, L_PAVING, L_CLUTTER, L_CAR, L_SHADOW, L_BUILDING, L_TREE = range(
+    9
+)
 
 
 @dataclass(frozen=True)
@@ -303,8 +321,10 @@ class _BlockBuilder:
         self.solid: list[tuple[float, float, float, float]] = []  # layout bboxes to keep clear
 
     def free(self, u0, v0, u1, v1, pad: float = 0.0) -> bool:
-        return all(u1 + pad <= a or u0 - pad >= c or v1 + pad <= b or v0 - pad >= d
-                   for a, b, c, d in self.solid)  # fmt: skip
+        return all(
+            u1 + pad <= a or u0 - pad >= c or v1 + pad <= b or v0 - pad >= d
+            for a, b, c, d in self.solid
+        )
 
     def poly(self, layer, cls, color, texture, cu, cv, hu, hv, ang=0.0, solid=False):
         corners, _, _ = _rect(self.world, cu, cv, hu, hv, ang)
@@ -323,8 +343,15 @@ class _BlockBuilder:
         ridge = px_ang if hu >= hv else px_ang + math.pi / 2
         along, across = max(hu, hv), min(hu, hv)
         self.objs.append(
-            _Obj(L_BUILDING, "roof", corners, BUILDING, tuple(color), "flat" if flat else "gable",
-                 (centre[0], centre[1], ridge, w.m(0.3), along, across, w.m(0.4)))  # fmt: skip
+            _Obj(
+                L_BUILDING,
+                "roof",
+                corners,
+                BUILDING,
+                tuple(color),
+                "flat" if flat else "gable",
+                (centre[0], centre[1], ridge, w.m(0.3), along, across, w.m(0.4)),
+            )
         )
         self.objs.append(_shadow_of(w, corners, height_m, 0.5))
         r = math.hypot(hu, hv)
@@ -339,7 +366,14 @@ class _BlockBuilder:
         color = _CARS[rng.integers(len(_CARS))] * rng.uniform(0.92, 1.08)
         corners, centre, px_ang = _rect(w, cu, cv, length / 2, width / 2, ang)
         self.objs.append(
-            _Obj(L_CAR, "car", corners, CAR, tuple(color), extra=(centre[0], centre[1], px_ang, length, width))
+            _Obj(
+                L_CAR,
+                "car",
+                corners,
+                CAR,
+                tuple(color),
+                extra=(centre[0], centre[1], px_ang, length, width),
+            )
         )
         self.objs.append(_shadow_of(w, corners, 1.4, 0.6))
 
@@ -353,7 +387,9 @@ class _BlockBuilder:
             x, y = w.to_px(cu + w.m(off[0]), cv + w.m(off[1]))
             dx, dy = w.shadow_vec(height)
             self.objs.append(_Obj(L_TREE, "crown", (x, y, r), TREE, tuple(tone)))
-            self.objs.append(_Obj(L_SHADOW, "shadow_capsule", (x, y, x + dx, y + dy, 0.9 * r), extra=(0.55,)))
+            self.objs.append(
+                _Obj(L_SHADOW, "shadow_capsule", (x, y, x + dx, y + dy, 0.9 * r), extra=(0.55,))
+            )
 
     def clutter(self, cu, cv, size_m: float):
         w, rng = self.world, self.rng
@@ -368,7 +404,9 @@ class _BlockBuilder:
         else:
             color = _WATER if kind == "pool" else _CLUTTER_ODD[rng.integers(len(_CLUTTER_ODD))]
             hu, hv = w.m(size_m) * rng.uniform(0.5, 1.0), w.m(size_m) * rng.uniform(0.3, 0.7)
-            self.poly(L_CLUTTER, CLUTTER, color * rng.uniform(0.9, 1.1), "smooth", cu, cv, hu, hv, ang)
+            self.poly(
+                L_CLUTTER, CLUTTER, color * rng.uniform(0.9, 1.1), "smooth", cu, cv, hu, hv, ang
+            )
         r = w.m(size_m) * 1.2
         self.solid.append((cu - r, cv - r, cu + r, cv + r))
 
@@ -381,8 +419,26 @@ def _streets(b: _BlockBuilder, i: int, j: int) -> None:
     v, width = _hroad(w, j)
     u0, u1 = i * pitch - 1.0, (i + 1) * pitch + 1.0
     cu = (u0 + u1) / 2
-    b.poly(L_SIDEWALK, IMPERVIOUS, _SIDEWALK * rng.uniform(0.9, 1.1), "paving", cu, v, (u1 - u0) / 2, width / 2 + sw)
-    b.poly(L_ASPHALT, IMPERVIOUS, _ASPHALT * rng.uniform(0.85, 1.15), "asphalt", cu, v, (u1 - u0) / 2, width / 2)
+    b.poly(
+        L_SIDEWALK,
+        IMPERVIOUS,
+        _SIDEWALK * rng.uniform(0.9, 1.1),
+        "paving",
+        cu,
+        v,
+        (u1 - u0) / 2,
+        width / 2 + sw,
+    )
+    b.poly(
+        L_ASPHALT,
+        IMPERVIOUS,
+        _ASPHALT * rng.uniform(0.85, 1.15),
+        "asphalt",
+        cu,
+        v,
+        (u1 - u0) / 2,
+        width / 2,
+    )
     dash, period = w.m(3.0), w.m(9.0)
     for k in range(math.ceil(i * pitch / period), math.ceil((i + 1) * pitch / period)):
         b.poly(L_MARKING, IMPERVIOUS, _MARKING, "flat", k * period, v, dash / 2, w.m(0.075))
@@ -395,8 +451,19 @@ def _streets(b: _BlockBuilder, i: int, j: int) -> None:
         u, vw = seg
         v0, v1 = v, _hroad(w, j + 1)[0]
         cv, hv = (v0 + v1) / 2, (v1 - v0) / 2
-        b.poly(L_SIDEWALK, IMPERVIOUS, _SIDEWALK * rng.uniform(0.9, 1.1), "paving", u, cv, vw / 2 + sw, hv)
-        b.poly(L_ASPHALT, IMPERVIOUS, _ASPHALT * rng.uniform(0.85, 1.15), "asphalt", u, cv, vw / 2, hv)
+        b.poly(
+            L_SIDEWALK,
+            IMPERVIOUS,
+            _SIDEWALK * rng.uniform(0.9, 1.1),
+            "paving",
+            u,
+            cv,
+            vw / 2 + sw,
+            hv,
+        )
+        b.poly(
+            L_ASPHALT, IMPERVIOUS, _ASPHALT * rng.uniform(0.85, 1.15), "asphalt", u, cv, vw / 2, hv
+        )
         for _ in range(rng.poisson(0.8)):
             cv_car = rng.uniform(v0 + w.m(6), v1 - w.m(6))
             lane = rng.choice([-1.0, 1.0])
@@ -406,7 +473,9 @@ def _streets(b: _BlockBuilder, i: int, j: int) -> None:
         step = w.m(rng.uniform(9.0, 14.0))
         start = i * pitch + rng.uniform(0, step)
         for k in range(int((pitch - (start - i * pitch)) // step)):
-            b.tree(start + k * step, v + side * (width / 2 + sw + w.m(1.0)), rng.uniform(2.2, 3.5), 1)
+            b.tree(
+                start + k * step, v + side * (width / 2 + sw + w.m(1.0)), rng.uniform(2.2, 3.5), 1
+            )
 
 
 def _interior(w: _World, i: int, j: int) -> tuple[float, float, float, float]:
@@ -440,20 +509,42 @@ def _houses(b: _BlockBuilder, u0: float, v0: float, u1: float, v1: float, sides=
             roof = b.building(cu, cv, bw / 2, bd / 2, ang, rng.uniform(5.0, 10.0), flat)
             if rng.random() < 0.25 and depth_avail > setback + bd + w.m(6):  # L-shaped wing
                 ww, wd = bw * rng.uniform(0.35, 0.5), w.m(rng.uniform(4.0, 6.0))
-                b.building(u + ww / 2, cv + side * (bd / 2 + wd / 2 - w.m(0.5)), ww / 2, wd / 2, ang,
-                           rng.uniform(3.5, 6.0), flat, roof)  # fmt: skip
+                b.building(
+                    u + ww / 2,
+                    cv + side * (bd / 2 + wd / 2 - w.m(0.5)),
+                    ww / 2,
+                    wd / 2,
+                    ang,
+                    rng.uniform(3.5, 6.0),
+                    flat,
+                    roof,
+                )
             # Driveway from the street to the house, beside it.
             pave = _PAVINGS[rng.integers(len(_PAVINGS))] * rng.uniform(0.92, 1.08)
             dv0, dv1 = edge - side * w.m(1.7), edge + side * (setback + bd)
-            b.poly(L_PAVING, IMPERVIOUS, pave, "paving", u + bw + drive / 2, (dv0 + dv1) / 2, drive / 2,
-                   abs(dv1 - dv0) / 2)  # fmt: skip
+            b.poly(
+                L_PAVING,
+                IMPERVIOUS,
+                pave,
+                "paving",
+                u + bw + drive / 2,
+                (dv0 + dv1) / 2,
+                drive / 2,
+                abs(dv1 - dv0) / 2,
+            )
             if rng.random() < 0.4:
-                b.car(u + bw + drive / 2, edge + side * w.m(rng.uniform(2.6, max(2.7, setback))), False,
-                      rng.random() < 0.5)  # fmt: skip
+                b.car(
+                    u + bw + drive / 2,
+                    edge + side * w.m(rng.uniform(2.6, max(2.7, setback))),
+                    False,
+                    rng.random() < 0.5,
+                )
             if rng.random() < 0.45 and depth_avail > setback + bd + w.m(4.0):  # terrace behind
                 tv = edge + side * (setback + bd + w.m(1.5))
                 b.poly(L_PAVING, IMPERVIOUS, pave, "paving", cu, tv, bw * 0.3, w.m(1.5))
-            b.solid.append((u - w.m(1), min(edge, dv1) - w.m(1), u + bw + drive, max(edge, dv1) + w.m(1)))
+            b.solid.append(
+                (u - w.m(1), min(edge, dv1) - w.m(1), u + bw + drive, max(edge, dv1) + w.m(1))
+            )
             u += bw + drive + w.m(rng.uniform(3.0, 9.0))
 
 
@@ -498,18 +589,40 @@ def _block_objects(world: _World, i: int, j: int) -> tuple[_Obj, ...]:
         lot_v0 = v0 + w.m(3) + bd + w.m(2)
         pave = _PAVINGS[rng.integers(len(_PAVINGS))]
         if v1 - lot_v0 > w.m(7):
-            b.poly(L_PAVING, IMPERVIOUS, pave, "asphalt", (u0 + u1) / 2, (lot_v0 + v1) / 2, (u1 - u0) / 2 - w.m(1),
-                   (v1 - lot_v0) / 2)  # fmt: skip
+            b.poly(
+                L_PAVING,
+                IMPERVIOUS,
+                pave,
+                "asphalt",
+                (u0 + u1) / 2,
+                (lot_v0 + v1) / 2,
+                (u1 - u0) / 2 - w.m(1),
+                (v1 - lot_v0) / 2,
+            )
             stall = w.m(2.6)
             for k in range(int((u1 - u0 - w.m(4)) // stall)):
                 if rng.random() < 0.55:
-                    b.car(u0 + w.m(2) + (k + 0.5) * stall, lot_v0 + w.m(3.0), False, rng.random() < 0.5)
+                    b.car(
+                        u0 + w.m(2) + (k + 0.5) * stall,
+                        lot_v0 + w.m(3.0),
+                        False,
+                        rng.random() < 0.5,
+                    )
             b.solid.append((u0, lot_v0, u1, v1))
         _garden_items(b, u0, v0, u1, v1, trees_per_100m2=0.15, clutter_mean=2.5)
     elif kind == "park":
         ang = rng.uniform(-0.6, 0.6)
-        b.poly(L_PAVING, IMPERVIOUS, _PAVINGS[0], "paving", (u0 + u1) / 2, (v0 + v1) / 2,
-               (u1 - u0) / 2 / max(math.cos(ang), 0.5), w.m(1.2), ang)  # fmt: skip
+        b.poly(
+            L_PAVING,
+            IMPERVIOUS,
+            _PAVINGS[0],
+            "paving",
+            (u0 + u1) / 2,
+            (v0 + v1) / 2,
+            (u1 - u0) / 2 / max(math.cos(ang), 0.5),
+            w.m(1.2),
+            ang,
+        )
         _garden_items(b, u0, v0, u1, v1, trees_per_100m2=1.1, clutter_mean=2.0)
     else:  # yard: a soil / storage area with piles and containers, houses on one side
         side = int(rng.choice([1, -1]))
@@ -519,8 +632,16 @@ def _block_objects(world: _World, i: int, j: int) -> tuple[_Obj, ...]:
         if ys1 - ys0 > w.m(4):
             hu = (u1 - u0) * rng.uniform(0.2, 0.4)
             cu = rng.uniform(u0 + hu, max(u0 + hu + 1, u1 - hu))
-            b.poly(L_CLUTTER, CLUTTER, _SOIL * rng.uniform(0.85, 1.1, size=3), "soil", cu, (ys0 + ys1) / 2, hu,
-                   (ys1 - ys0) / 2 * 0.8)  # fmt: skip
+            b.poly(
+                L_CLUTTER,
+                CLUTTER,
+                _SOIL * rng.uniform(0.85, 1.1, size=3),
+                "soil",
+                cu,
+                (ys0 + ys1) / 2,
+                hu,
+                (ys1 - ys0) / 2 * 0.8,
+            )
         _garden_items(b, u0, v0, u1, v1, trees_per_100m2=0.25, clutter_mean=4.0)
     return tuple(b.objs)
 
@@ -547,8 +668,14 @@ class _Canvas:
         key = _key(self.world.seed, 100, tag)
         if sl is not None and tag not in _SHARED_NOISE:
             rs, cs = sl
-            return _value_noise(key, self.r0 + rs.start, self.c0 + cs.start, rs.stop - rs.start,
-                                cs.stop - cs.start, cell)  # fmt: skip
+            return _value_noise(
+                key,
+                self.r0 + rs.start,
+                self.c0 + cs.start,
+                rs.stop - rs.start,
+                cs.stop - cs.start,
+                cell,
+            )
         if tag not in self._noise:
             self._noise[tag] = _value_noise(key, self.r0, self.c0, self.h, self.w, cell)
         return self._noise[tag] if sl is None else self._noise[tag][sl]
@@ -557,8 +684,11 @@ class _Canvas:
         """Per-pixel white noise in [-1, 1) (three independent fields from one hash): grain
         finer than a pixel, e.g. leaves, gravel, grass blades."""
         if "fine" not in self._noise:
-            h = _hash2d(_key(self.world.seed, 101), np.arange(self.r0, self.r0 + self.h)[:, None],
-                        np.arange(self.c0, self.c0 + self.w)[None, :])  # fmt: skip
+            h = _hash2d(
+                _key(self.world.seed, 101),
+                np.arange(self.r0, self.r0 + self.h)[:, None],
+                np.arange(self.c0, self.c0 + self.w)[None, :],
+            )
             self._noise["fine"] = [_to_unit(h, shift) * 2.0 - 1.0 for shift in (8, 29, 40)]
         field = self._noise["fine"][k]
         return field if sl is None else field[sl]
@@ -661,7 +791,9 @@ def _draw(cv: _Canvas, obj: _Obj, label, img, shade) -> None:
         return
     sl, xs, ys, mask = got
     if obj.kind.startswith("shadow"):
-        np.minimum(shade[sl], np.where(mask, np.float32(obj.extra[0]), np.float32(1.0)), out=shade[sl])
+        np.minimum(
+            shade[sl], np.where(mask, np.float32(obj.extra[0]), np.float32(1.0)), out=shade[sl]
+        )
         return
     base = np.asarray(obj.color, dtype=np.float32)[:, None, None]
     if obj.kind == "poly":
@@ -679,7 +811,9 @@ def _draw(cv: _Canvas, obj: _Obj, label, img, shade) -> None:
             # Tile rows as a triangle wave: plain arithmetic, so every window rounds alike
             # (vectorised sin may differ in the last bit between array lengths).
             phase = across / max(stripe * 1.2, 2.5)
-            stripes = (1.0 + 0.1 * (np.abs(phase - np.floor(phase) - 0.5) - 0.25)).astype(np.float32)
+            stripes = (1.0 + 0.1 * (np.abs(phase - np.floor(phase) - 0.5) - 0.25)).astype(
+                np.float32
+            )
             f = lit * stripes * (1.0 + 0.03 * cv.fine(0, sl))
             f = np.where(np.abs(across) < 0.5 * rim, np.float32(1.12), f)  # ridge cap
         else:  # flat: gravel grain and a bright parapet rim
@@ -689,7 +823,9 @@ def _draw(cv: _Canvas, obj: _Obj, label, img, shade) -> None:
         color = base * f[None]
     elif obj.kind == "car":
         cx, cy, ang, length, width = obj.extra
-        a = ((xs - cx) * math.cos(ang) + (ys - cy) * math.sin(ang)) / length + 0.5  # 0 rear .. 1 front
+        a = (
+            (xs - cx) * math.cos(ang) + (ys - cy) * math.sin(ang)
+        ) / length + 0.5  # 0 rear .. 1 front
         b = np.abs(-(xs - cx) * math.sin(ang) + (ys - cy) * math.cos(ang)) / width
         window = (((a > 0.62) & (a < 0.76)) | ((a > 0.16) & (a < 0.26))) & (b < 0.42)
         color = np.where(window[None], np.float32(40.0), base * np.float32(1.05)).astype(np.float32)
@@ -699,7 +835,12 @@ def _draw(cv: _Canvas, obj: _Obj, label, img, shade) -> None:
         sdx, sdy = w.params["shadow_dir"]
         towards_sun = -((xs - x) * sdx + (ys - y) * sdy) / r
         f = (0.72 + 0.3 * (1.0 - d2) + 0.14 * towards_sun).astype(np.float32)
-        f = f * (1.0 + 0.16 * cv.noise(17, 0.35, sl) + 0.1 * cv.fine(1, sl) + 0.08 * cv.noise(18, 1.2, sl))
+        f = f * (
+            1.0
+            + 0.16 * cv.noise(17, 0.35, sl)
+            + 0.1 * cv.fine(1, sl)
+            + 0.08 * cv.noise(18, 1.2, sl)
+        )
         color = base * f[None]
     _paint(cv, label, img, got, obj.cls, color)
 
@@ -726,7 +867,11 @@ def render_window(
         img[band] += np.float32(_GRASS[band])
         img[band] *= texture
     shade = np.ones((height, width), dtype=np.float32)
-    objs = [o for cell in _cells_for_window(world, row0, col0, height, width) for o in _block_objects(world, *cell)]
+    objs = [
+        o
+        for cell in _cells_for_window(world, row0, col0, height, width)
+        for o in _block_objects(world, *cell)
+    ]
     objs.sort(key=lambda o: o.layer)  # stable: keeps the global block order within a layer
     for o in objs:
         if o.layer > L_SHADOW and shade is not None:
@@ -737,7 +882,11 @@ def render_window(
         img *= shade[None]
     # Large-scale illumination drift and per-pixel sensor noise (one hash feeds three bands).
     img *= (1.0 + 0.04 * cv.noise(4, 40.0))[None]
-    h = _hash2d(_key(world.seed, 5), np.arange(row0, row0 + height)[:, None], np.arange(col0, col0 + width)[None, :])
+    h = _hash2d(
+        _key(world.seed, 5),
+        np.arange(row0, row0 + height)[:, None],
+        np.arange(col0, col0 + width)[None, :],
+    )
     for band, shift in enumerate((8, 29, 40)):
         img[band] += (_to_unit(h, shift) - 0.5) * np.float32(10.0)
     np.clip(img, 1, 255, out=img)
@@ -829,22 +978,35 @@ def vaihingen_relative_paths(areas: Iterable[int], *, as_zip: bool = False) -> l
 def _resolve_sizes(areas: list[int], size, seed: int) -> dict[int, tuple[int, int]]:
     if isinstance(size, str):
         if size != "realistic":
-            raise UsageError(f"unknown size {size!r}; give an int, (height, width), a mapping or 'realistic'")
+            raise UsageError(
+                f"unknown size {size!r}; give an int, (height, width), a mapping or 'realistic'"
+            )
         return area_sizes(areas, seed)
     if isinstance(size, Mapping):
         missing = [a for a in areas if a not in size]
         if missing:
             raise UsageError(f"no size given for area(s) {', '.join(map(str, missing))}")
-        return {a: (size[a], size[a]) if isinstance(size[a], int) else tuple(size[a]) for a in areas}
+        return {
+            a: (size[a], size[a]) if isinstance(size[a], int) else tuple(size[a]) for a in areas
+        }
     hw = (size, size) if isinstance(size, int) else tuple(size)
     return {a: hw for a in areas}
 
 
-def _geotiff_bytes(array: np.ndarray, transform: Affine, *, compress: str | None, descriptions=None) -> bytes:
+def _geotiff_bytes(
+    array: np.ndarray, transform: Affine, *, compress: str | None, descriptions=None
+) -> bytes:
     profile = dict(
-        driver="GTiff", height=array.shape[1], width=array.shape[2], count=array.shape[0],
-        dtype=array.dtype, crs=CRS, transform=transform, interleave="pixel", photometric="RGB",
-    )  # fmt: skip
+        driver="GTiff",
+        height=array.shape[1],
+        width=array.shape[2],
+        count=array.shape[0],
+        dtype=array.dtype,
+        crs=CRS,
+        transform=transform,
+        interleave="pixel",
+        photometric="RGB",
+    )
     if compress:
         profile["compress"] = compress
     with MemoryFile() as mem:
@@ -866,7 +1028,7 @@ def write_vaihingen_layout(
     compress: str | None = None,
     gsd_m: float = GSD_M,
 ) -> Path:
-    """Write synthetic areas in the official ISPRS Vaihingen layout under ``root``; returns ``root``.
+    """Write synthetic areas in the official ISPRS Vaihingen layout under ``root``; returns it.
 
     Extracted (default), as torchgeo's ``Vaihingen2D`` reads it::
 
@@ -877,7 +1039,8 @@ def write_vaihingen_layout(
 
     With ``as_zip`` the same files go into the three official archives in ``root`` instead:
     the first two lines into ``ISPRS_semantic_labeling_Vaihingen.zip``, the complete labels into
-    ``..._ground_truth_COMPLETE.zip`` and the eroded ones into ``..._ground_truth_eroded_COMPLETE.zip``.
+    ``..._ground_truth_COMPLETE.zip`` and the eroded ones into
+    ``..._ground_truth_eroded_COMPLETE.zip``.
 
     ``areas`` default to the 33 official area numbers; ``size`` is one size for all, a mapping
     area -> size, or ``"realistic"`` (1900..3800 px per side, drawn from the seed). Each area is
@@ -915,14 +1078,21 @@ def write_vaihingen_layout(
             image, labels = generate_tile((h, w), area_seed(seed, a), gsd_m=gsd_m)
             transform = _north_up(*area_origin(a), gsd_m)
             name = f"top_mosaic_09cm_area{a}.tif"
-            put(f"top/{name}", IMAGE_ARCHIVE, _geotiff_bytes(image, transform, compress=compress, descriptions=BAND_NAMES))
+            put(
+                f"top/{name}",
+                IMAGE_ARCHIVE,
+                _geotiff_bytes(image, transform, compress=compress, descriptions=BAND_NAMES),
+            )
             full = _geotiff_bytes(encode_labels_rgb(labels), transform, compress=compress)
             put(name, LABEL_ARCHIVE, full)
             if a in train:
                 put(f"gts_for_participants/{name}", IMAGE_ARCHIVE, full)
             eroded = encode_labels_rgb(labels, erode_boundaries(labels, boundary_radius))
-            put(f"top_mosaic_09cm_area{a}_noBoundary.tif", ERODED_ARCHIVE,
-                _geotiff_bytes(eroded, transform, compress=compress))  # fmt: skip
+            put(
+                f"top_mosaic_09cm_area{a}_noBoundary.tif",
+                ERODED_ARCHIVE,
+                _geotiff_bytes(eroded, transform, compress=compress),
+            )
     finally:
         for z in zips.values():
             z.close()
@@ -932,7 +1102,9 @@ def write_vaihingen_layout(
 # --------------------------------------------------------------------------------------------
 # Large scenes, written window by window.
 # --------------------------------------------------------------------------------------------
-def _valid_footprint(seed: int, r0: int, c0: int, h: int, w: int, H: int, W: int, border: int) -> np.ndarray:
+def _valid_footprint(
+    seed: int, r0: int, c0: int, h: int, w: int, H: int, W: int, border: int
+) -> np.ndarray:
     """Inside-footprint mask for a window of an H x W scene whose edges are eaten by an irregular
     nodata border of mean depth ``border`` pixels (depth varies smoothly along each edge)."""
     if border <= 0:
@@ -947,21 +1119,38 @@ def _valid_footprint(seed: int, r0: int, c0: int, h: int, w: int, H: int, W: int
     top, bottom = depth(0, c0, w), depth(1, c0, w)
     left, right = depth(2, r0, h), depth(3, r0, h)
     return (
-        (rows[:, None] >= top[None, :]) & (rows[:, None] < H - bottom[None, :])
-        & (cols[None, :] >= left[:, None]) & (cols[None, :] < W - right[:, None])
-    )  # fmt: skip
+        (rows[:, None] >= top[None, :])
+        & (rows[:, None] < H - bottom[None, :])
+        & (cols[None, :] >= left[:, None])
+        & (cols[None, :] < W - right[:, None])
+    )
 
 
-_SCENE_DTYPES = {"uint8": (np.uint8, 1.0), "uint16": (np.uint16, 16.0), "float32": (np.float32, 1.0 / 255.0)}
+_SCENE_DTYPES = {
+    "uint8": (np.uint8, 1.0),
+    "uint16": (np.uint16, 16.0),
+    "float32": (np.float32, 1.0 / 255.0),
+}
 
 
 def _scene_profile(height, width, count, dtype, nodata, transform, block) -> dict:
     return dict(
-        driver="GTiff", height=height, width=width, count=count, dtype=dtype, crs=CRS,
-        transform=transform, nodata=nodata, tiled=True, blockxsize=block, blockysize=block,
-        compress="deflate", predictor=3 if dtype == "float32" else 2, interleave="pixel",
+        driver="GTiff",
+        height=height,
+        width=width,
+        count=count,
+        dtype=dtype,
+        crs=CRS,
+        transform=transform,
+        nodata=nodata,
+        tiled=True,
+        blockxsize=block,
+        blockysize=block,
+        compress="deflate",
+        predictor=3 if dtype == "float32" else 2,
+        interleave="pixel",
         BIGTIFF="IF_SAFER",
-    )  # fmt: skip
+    )
 
 
 def scene_seed(seed: int) -> int:
@@ -969,7 +1158,9 @@ def scene_seed(seed: int) -> int:
     return _key(seed, 9)
 
 
-def _write_scene(path, height, width, seed, tile, nodata_border, dtype, blockwise, labels_path, gsd_m):
+def _write_scene(
+    path, height, width, seed, tile, nodata_border, dtype, blockwise, labels_path, gsd_m
+):
     if height <= 0 or width <= 0:
         raise UsageError(f"scene size must be positive, got {height} x {width}")
     if dtype not in _SCENE_DTYPES:
@@ -985,8 +1176,13 @@ def _write_scene(path, height, width, seed, tile, nodata_border, dtype, blockwis
         if path is not None:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            dst = rasterio.open(path, "w", **_scene_profile(
-                height, width, 3, dtype, 0 if nodata_border > 0 else None, transform, 256))  # fmt: skip
+            dst = rasterio.open(
+                path,
+                "w",
+                **_scene_profile(
+                    height, width, 3, dtype, 0 if nodata_border > 0 else None, transform, 256
+                ),
+            )
             dst.descriptions = BAND_NAMES
             outputs.append(dst)
         else:
@@ -994,8 +1190,11 @@ def _write_scene(path, height, width, seed, tile, nodata_border, dtype, blockwis
         if labels_path is not None:
             labels_path = Path(labels_path)
             labels_path.parent.mkdir(parents=True, exist_ok=True)
-            ldst = rasterio.open(labels_path, "w", **_scene_profile(
-                height, width, 1, "uint8", LABEL_NODATA, transform, 256))  # fmt: skip
+            ldst = rasterio.open(
+                labels_path,
+                "w",
+                **_scene_profile(height, width, 1, "uint8", LABEL_NODATA, transform, 256),
+            )
             ldst.write_colormap(1, {i: c + (255,) for i, c in enumerate(ISPRS_COLORS)})
             outputs.append(ldst)
         else:
@@ -1020,7 +1219,9 @@ def _write_scene(path, height, width, seed, tile, nodata_border, dtype, blockwis
                     out = np.where(valid[None], out, np_dtype(0)).astype(np_dtype)
                     dst.write(out, window=win)
                 if ldst is not None:
-                    ldst.write(np.where(valid, labels, LABEL_NODATA).astype(np.uint8)[None], window=win)
+                    ldst.write(
+                        np.where(valid, labels, LABEL_NODATA).astype(np.uint8)[None], window=win
+                    )
     finally:
         for o in outputs:
             o.close()
@@ -1049,7 +1250,9 @@ def write_scene(
     never 0). ``dtype`` "uint16" stores DN * 16 (12-bit-like), "float32" reflectance DN / 255.
     ``labels_path`` also writes the matching class GeoTIFF (see :func:`write_scene_labels`).
     """
-    _write_scene(path, height, width, seed, tile, nodata_border, dtype, blockwise, labels_path, gsd_m)
+    _write_scene(
+        path, height, width, seed, tile, nodata_border, dtype, blockwise, labels_path, gsd_m
+    )
     return Path(path)
 
 
