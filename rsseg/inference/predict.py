@@ -408,7 +408,7 @@ def predict_scene(
         part_conf = temporary_path(confidence_out) if confidence_out else None
         strip = (0, height)
     strip_h = max(strip[1] - strip[0], 1)
-    strip_transform = transform * rasterio.Affine.translation(0, strip[0])
+    strip_transform = transform @ rasterio.Affine.translation(0, strip[0])
     writers: list[TiledRasterWriter] = []
     try:
         cls_writer = TiledRasterWriter(part_classes, height=strip_h, width=width, crs=crs,
