@@ -9,13 +9,15 @@ and their pieces unioned. Pixel corners are integers in the working coordinates,
 is exact and the result equals whole-raster polygonization polygon for polygon.
 
 Simplification uses ``shapely.coverage_simplify``, which simplifies each shared border once, so
-neighbours keep meeting without gaps or overlaps. GDAL's polygonize does not put a vertex on a
+neighbours keep meeting without gaps or overlaps; the outer boundary (scene and nodata edges) is
+left unsimplified so that the polygons still cover exactly the valid pixels. GDAL's polygonize does not put a vertex on a
 neighbour's edge where a third polygon meets it, which the coverage functions require; every
 edge is therefore split at every pixel corner first (``shapely.segmentize``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sqlite3
@@ -230,13 +232,16 @@ def vectorize_raster(
     if min_area > 0:
         gdf = gdf[gdf["area_m2"] >= min_area].reset_index(drop=True)
     if tolerance > 0 and len(gdf):
+        # The outer boundary of the coverage (scene edge, nodata edge) is kept as is: the union
+        # of the polygons stays exactly the raster's valid area, so none reaches into nodata.
         gdf["geometry"] = shapely.coverage_simplify(gdf.geometry.to_numpy(), tolerance,
-                                                    simplify_boundary=True)
+                                                    simplify_boundary=False)
         gdf["area_m2"] = _areas_m2(gdf)
     return gdf
 
 
 def class_info_from_raster(path: Path) -> ClassInfo:
+    _open_class_raster(path).close()  # a clear DataError for a missing or non-class raster
     names, colors = read_class_metadata(path)
     with _open_class_raster(path) as ds:
         n_meta = max(len(names or []), len(colors or []))
@@ -306,6 +311,8 @@ def check_vector_output(out: Path, overwrite: bool) -> str:
             f"unknown output suffix {out.suffix or '(none)'!r} for {out.name}; "
             f"use one of {', '.join(list(VECTOR_DRIVERS) + list(RASTER_SUFFIXES))}"
         )
+    if driver == "Parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise OutputError("writing .parquet needs pyarrow (pip install pyarrow); or use .gpkg/.fgb")
     check_writable(out, overwrite)
     return driver
 

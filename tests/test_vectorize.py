@@ -1,0 +1,179 @@
+"""Blockwise polygonization with exact merging, coverage simplification, QGIS-ready files."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import warnings
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import shapely
+from click.testing import CliRunner
+from rasterio.features import rasterize
+from scipy import ndimage
+
+from rsseg.errors import DataError, OutputError
+from rsseg.inference.vectorize import (
+    ClassInfo,
+    class_info_from_raster,
+    polygonize_pixels,
+    polygonize_whole,
+    read_classes_file,
+    vectorize_raster,
+    write_vectors,
+)
+
+NAMES = ["road", "roof", "grass", "tree", "car"]
+COLORS = [(128, 128, 128), (200, 0, 0), (0, 255, 255), (0, 150, 0), (255, 255, 0)]
+
+
+def blobs(h: int, w: int, seed: int = 0, classes: int = 5) -> np.ndarray:
+    """A class map with many regions of every size, including ones that wind across rows."""
+    noise = ndimage.gaussian_filter(np.random.default_rng(seed).random((h, w)), 2.5)
+    return (noise * 80).astype(np.uint8) % classes
+
+
+def write_classes(path: Path, classes: np.ndarray, *, crs="EPSG:32618", gsd=0.5, tags=True) -> Path:
+    profile = dict(driver="GTiff", height=classes.shape[0], width=classes.shape[1], count=1,
+                   dtype="uint8", nodata=255, crs=crs,
+                   transform=rasterio.Affine(gsd, 0, 400000, 0, -gsd, 5000000))
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(classes, 1)
+        if tags:
+            dst.update_tags(RSSEG_CLASS_NAMES=json.dumps(NAMES),
+                            RSSEG_CLASS_COLORS=json.dumps([list(c) for c in COLORS]))
+    return path
+
+
+def canonical(geoms, ids):
+    """Polygons keyed so that the same set compares equal whatever the order."""
+    keyed = sorted(zip(ids, geoms), key=lambda p: (p[0], p[1].area, p[1].centroid.x, p[1].centroid.y))
+    return [k for k, _ in keyed], [g for _, g in keyed]
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 32, 1000])
+def test_blockwise_polygons_equal_whole_raster_polygons(tmp_path, block_rows):
+    classes = blobs(120, 90, seed=block_rows)
+    classes[40:60, 10:30] = 255  # nodata inside, straddling block edges
+    path = write_classes(tmp_path / "c.tif", classes)
+    ids_b, geoms_b = canonical(*polygonize_pixels(path, block_rows=block_rows))
+    ids_w, geoms_w = canonical(*polygonize_whole(path))
+    assert ids_b == ids_w
+    assert len(geoms_b) == len(geoms_w) > 50
+    assert all(a.geom_type == "Polygon" for a in geoms_b)
+    assert shapely.equals(np.array(geoms_b), np.array(geoms_w)).all()
+
+
+def test_unsimplified_polygons_rasterize_back_exactly(tmp_path):
+    classes = blobs(101, 77, seed=3)
+    classes[:5, :] = 255
+    path = write_classes(tmp_path / "c.tif", classes)
+    gdf = vectorize_raster(path, simplify=0, block_rows=16)
+    with rasterio.open(path) as ds:
+        back = rasterize(zip(gdf.geometry, gdf.class_id), out_shape=classes.shape, transform=ds.transform,
+                         fill=255, dtype="uint8")
+        assert gdf.crs == ds.crs
+    np.testing.assert_array_equal(back, classes)
+    assert list(gdf.columns) == ["class_id", "class_name", "geometry", "area_m2"]
+    assert (gdf.class_name == [NAMES[c] for c in gdf.class_id]).all()
+    np.testing.assert_allclose(gdf.area_m2, gdf.geometry.area)
+
+
+def test_simplification_keeps_shared_borders(tmp_path):
+    classes = blobs(96, 80, seed=5)
+    path = write_classes(tmp_path / "c.tif", classes)
+    raw = vectorize_raster(path, simplify=0)
+    simple = vectorize_raster(path, simplify=1.0, block_rows=30)
+    assert len(simple) == len(raw)
+    assert shapely.get_num_coordinates(simple.geometry).sum() < 0.9 * shapely.get_num_coordinates(raw.geometry).sum()
+    union = shapely.union_all(simple.geometry.to_numpy())
+    full = 96 * 80 * 0.25
+    # No overlaps: the parts add up to the union. No gaps: the union is still the whole rectangle
+    # (the outer boundary is not simplified).
+    assert simple.area.sum() == pytest.approx(union.area, rel=1e-9)
+    assert union.area == pytest.approx(full, rel=1e-9)
+    assert union.geom_type == "Polygon" and len(union.interiors) == 0
+    assert shapely.is_valid(simple.geometry.to_numpy()).all()
+
+
+def test_min_area_in_square_metres_projected_and_geographic(tmp_path):
+    classes = np.zeros((40, 40), np.uint8)
+    classes[5:7, 5:7] = 1  # 4 px
+    classes[20:30, 20:30] = 2  # 100 px
+    path = write_classes(tmp_path / "utm.tif", classes, gsd=2.0)  # 4 m² per pixel
+    gdf = vectorize_raster(path, simplify=0, min_area=100.0)
+    assert sorted(gdf.class_id) == [0, 2]  # the 16 m² square is dropped, the 400 m² one kept
+    assert gdf.set_index("class_id").area_m2[2] == pytest.approx(400.0)
+    # Geographic: 1e-4 degree pixels near the equator are about 11.1 m x 11.1 m.
+    geo = tmp_path / "geo.tif"
+    with rasterio.open(geo, "w", driver="GTiff", height=40, width=40, count=1, dtype="uint8", nodata=255,
+                       crs="EPSG:4326", transform=rasterio.Affine(1e-4, 0, 10.0, 0, -1e-4, 0.002)) as d:
+        d.write(classes, 1)
+    gdf = vectorize_raster(geo, simplify=0, min_area=1000.0)
+    assert sorted(gdf.class_id) == [0, 2]
+    assert gdf.set_index("class_id").area_m2[2] == pytest.approx(100 * 11.13 * 11.06, rel=0.01)
+
+
+def test_geopackage_default_style_and_qml_beside_other_formats(tmp_path):
+    path = write_classes(tmp_path / "c.tif", blobs(40, 40))
+    info = class_info_from_raster(path)
+    assert info.names == NAMES and info.colors == COLORS
+    gdf = vectorize_raster(path, classes=info)
+    write_vectors(gdf, tmp_path / "lc.gpkg", info)
+    con = sqlite3.connect(tmp_path / "lc.gpkg")
+    row = con.execute("SELECT f_table_catalog, f_table_schema, f_table_name, f_geometry_column, useAsDefault,"
+                      " styleQML FROM layer_styles").fetchone()
+    geom_col = con.execute("SELECT column_name FROM gpkg_geometry_columns WHERE table_name='lc'").fetchone()[0]
+    con.close()
+    assert row[:5] == ("", "", "lc", geom_col, 1)
+    assert 'type="categorizedSymbol"' in row[5] and 'attr="class_id"' in row[5]
+    for i, (r, g, b) in enumerate(COLORS):
+        assert f'value="{i}" label="{NAMES[i]}"' in row[5] and f"{r},{g},{b},255" in row[5]
+    back = gpd.read_file(tmp_path / "lc.gpkg", layer="lc")
+    assert len(back) == len(gdf) and back.crs == gdf.crs
+    files = write_vectors(gdf, tmp_path / "lc.geojson", info)
+    assert files == [tmp_path / "lc.geojson", tmp_path / "lc.qml"] and "categorizedSymbol" in files[1].read_text()
+    write_vectors(gdf, tmp_path / "lc.parquet", info)
+    assert len(gpd.read_parquet(tmp_path / "lc.parquet")) == len(gdf)
+    with pytest.raises(OutputError, match="--overwrite"):
+        write_vectors(gdf, tmp_path / "lc.gpkg", info)
+    with pytest.raises(OutputError, match="unknown output suffix"):
+        write_vectors(gdf, tmp_path / "lc.shp", info)
+
+
+def test_classes_file_and_raster_without_metadata(tmp_path):
+    classes = blobs(30, 30, classes=3)
+    path = write_classes(tmp_path / "plain.tif", classes, tags=False)
+    info = class_info_from_raster(path)
+    assert info.names == ["class_0", "class_1", "class_2"] and len(info.colors) == 3
+    txt = tmp_path / "classes.txt"
+    txt.write_text("water,0,0,255\nforest,0,128,0\nfield,255,255,0\n")
+    assert read_classes_file(txt) == ClassInfo(["water", "forest", "field"], [(0, 0, 255), (0, 128, 0), (255, 255, 0)])
+    js = tmp_path / "classes.json"
+    js.write_text(json.dumps([{"name": "a", "color": [1, 2, 3]}, {"name": "b", "color": [4, 5, 6]}]))
+    assert read_classes_file(js) == ClassInfo(["a", "b"], [(1, 2, 3), (4, 5, 6)])
+
+
+def test_cli_vectorize(tmp_path):
+    from rsseg.cli import main
+
+    path = write_classes(tmp_path / "c.tif", blobs(50, 60))
+    r = CliRunner().invoke(main, ["vectorize", str(path), "-o", str(tmp_path / "v.fgb"), "--block-rows", "8", "-q"])
+    assert r.exit_code == 0, r.output
+    gdf = gpd.read_file(tmp_path / "v.fgb")
+    assert set(gdf.class_name) <= set(NAMES) and (tmp_path / "v.qml").exists()
+    (tmp_path / "not.tif").write_text("hello")
+    r = CliRunner().invoke(main, ["vectorize", str(tmp_path / "not.tif"), "-o", str(tmp_path / "w.gpkg")])
+    assert r.exit_code != 0 and r.output.startswith("rsseg: error:") and r.output.count("\n") == 1
+    assert not (tmp_path / "w.gpkg").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(tmp_path / "f.tif", "w", driver="GTiff", height=4, width=4, count=1,
+                           dtype="float32") as d:
+            d.write(np.zeros((1, 4, 4), np.float32))
+    with pytest.raises(DataError, match="not a uint8 class raster"):
+        vectorize_raster(tmp_path / "f.tif")
