@@ -11,7 +11,7 @@ import rasterio
 from PIL import Image
 
 from rsseg.data import synthetic as syn
-from rsseg.errors import UsageError
+from rsseg.errors import OutputError, UsageError
 
 # Written out here, independently of the module: ISPRS label colours -> class index.
 COLOUR_TO_CLASS = {
@@ -232,13 +232,22 @@ def test_scene_nodata_border_and_dtypes(tmp_path: Path):
         assert np.array_equal(lab.read(1) == 255, invalid)
 
 
-def test_user_errors():
+def test_user_errors(tmp_path: Path):
     with pytest.raises(UsageError):
-        syn.write_scene(Path("never.tif"), 10, 10, dtype="int8")
+        syn.write_scene(tmp_path / "never.tif", 10, 10, dtype="int8")
     with pytest.raises(UsageError):
         syn.generate_tile(0, seed=1)
     with pytest.raises(UsageError):
-        syn.write_vaihingen_layout(Path("never"), areas=[0])
+        syn.write_vaihingen_layout(tmp_path / "never", areas=[0])
+    with pytest.raises(UsageError):
+        syn.write_vaihingen_layout(tmp_path / "never", areas=[1, 2], size={1: 32})
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OutputError, match="a_file"):
+        syn.write_scene(blocker / "scene.tif", 10, 10)
+    with pytest.raises(OutputError, match="a_file"):
+        syn.write_vaihingen_layout(blocker / "root", areas=[1], size=8)
+    assert not (tmp_path / "never").exists()
 
 
 def test_scene_is_rendered_window_by_window(tmp_path: Path, monkeypatch):

@@ -30,6 +30,7 @@ matching class labels on request).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import zipfile
@@ -1069,8 +1070,11 @@ def write_vaihingen_layout(
             zips[archive].writestr(rel, data)
         else:
             path = root / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            except OSError as exc:
+                raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
     try:
         for a in areas:
@@ -1158,6 +1162,16 @@ def scene_seed(seed: int) -> int:
     return _key(seed, 9)
 
 
+def _open_output(stack: contextlib.ExitStack, path: Path, profile: dict):
+    """Open a GeoTIFF for writing (closed by ``stack``); failures become one-line OutputErrors."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return stack.enter_context(rasterio.open(path, "w", **profile))
+    except (OSError, rasterio.errors.RasterioIOError) as exc:
+        raise OutputError(f"cannot write {path}: {exc}") from exc
+
+
 def _write_scene(
     path, height, width, seed, tile, nodata_border, dtype, blockwise, labels_path, gsd_m
 ):
@@ -1171,43 +1185,17 @@ def _write_scene(
     world_seed = scene_seed(seed)
     transform = _north_up(*_SCENE_ORIGIN, gsd_m)
     step = tile if blockwise else max(height, width)
-    outputs = []
-    try:
+    with contextlib.ExitStack() as stack:
+        dst = ldst = None
         if path is not None:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            dst = rasterio.open(
-                path,
-                "w",
-                **_scene_profile(
-                    height, width, 3, dtype, 0 if nodata_border > 0 else None, transform, 256
-                ),
-            )
+            nodata = 0 if nodata_border > 0 else None
+            profile = _scene_profile(height, width, 3, dtype, nodata, transform, 256)
+            dst = _open_output(stack, path, profile)
             dst.descriptions = BAND_NAMES
-            outputs.append(dst)
-        else:
-            dst = None
         if labels_path is not None:
-            labels_path = Path(labels_path)
-            labels_path.parent.mkdir(parents=True, exist_ok=True)
-            ldst = rasterio.open(
-                labels_path,
-                "w",
-                **_scene_profile(height, width, 1, "uint8", LABEL_NODATA, transform, 256),
-            )
+            profile = _scene_profile(height, width, 1, "uint8", LABEL_NODATA, transform, 256)
+            ldst = _open_output(stack, labels_path, profile)
             ldst.write_colormap(1, {i: c + (255,) for i, c in enumerate(ISPRS_COLORS)})
-            outputs.append(ldst)
-        else:
-            ldst = None
-    except OSError as exc:
-        for o in outputs:
-            o.close()
-        raise OutputError(f"cannot write {path}: {exc}") from exc
-    except rasterio.errors.RasterioIOError as exc:
-        for o in outputs:
-            o.close()
-        raise OutputError(f"cannot write scene: {exc}") from exc
-    try:
         for r0 in range(0, height, step):
             for c0 in range(0, width, step):
                 h, w = min(step, height - r0), min(step, width - c0)
@@ -1216,15 +1204,10 @@ def _write_scene(
                 win = Window(c0, r0, w, h)
                 if dst is not None:
                     out = image.astype(np_dtype) * np_dtype(scale) if scale != 1.0 else image
-                    out = np.where(valid[None], out, np_dtype(0)).astype(np_dtype)
-                    dst.write(out, window=win)
+                    dst.write(np.where(valid[None], out, np_dtype(0)).astype(np_dtype), window=win)
                 if ldst is not None:
-                    ldst.write(
-                        np.where(valid, labels, LABEL_NODATA).astype(np.uint8)[None], window=win
-                    )
-    finally:
-        for o in outputs:
-            o.close()
+                    out = np.where(valid, labels, LABEL_NODATA).astype(np.uint8)
+                    ldst.write(out[None], window=win)
 
 
 def write_scene(
