@@ -1,0 +1,283 @@
+"""Benchmark of rsseg's selective scan: the chunked torch scan against two sequential loops.
+
+Baselines, measured in the same run on the same inputs:
+- ``unbind loop``: the plain recurrence, one step per position, steps taken with ``unbind``;
+- ``index loop``: the same recurrence reading ``x[:, :, i]`` per step, as mamba-ssm's reference
+  ``selective_scan_ref`` does (its backward is quadratic in the length, so it is timed on a
+  shorter sequence, stated in the table, against the chunked scan at that same length).
+Reports median wall time of forward (no grad) and forward+backward, the ratios, the largest
+difference of outputs and of every gradient against the unbind loop, and peak memory (CPU: the
+growth of the process's peak RSS, each measurement in a fresh process; CUDA: the allocator peak).
+With ``--device cuda`` and mamba-ssm importable it also checks the torch scan against the kernel.
+Then SS2D forward on a 256 x 256 x 64 map, batch 1 (target: under 4 GB peak on CPU).
+
+    python benchmarks/scan.py                 # full run on CPU (a few minutes on 2 cores)
+    python benchmarks/scan.py --quick         # small shapes, a smoke run
+    python benchmarks/scan.py --device cuda   # on a GPU machine, plus the kernel agreement check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+from rsseg.models.ssm import scan as scan_module  # noqa: E402
+from rsseg.models.ssm import SS2D, selective_scan  # noqa: E402
+
+# (batch, K*D channels, d_state, length, index-loop length)
+CASES = [(1, 384, 16, 4096, 1024), (2, 768, 1, 16384, 2048)]
+QUICK_CASES = [(1, 64, 16, 1024, 256), (2, 96, 1, 2048, 256)]
+
+
+def make_inputs(b: int, d: int, n: int, length: int, device: str, seed: int = 0) -> dict:
+    """Inputs shaped like one SS2D call (4 groups), with Mamba-like value ranges."""
+    g = torch.Generator().manual_seed(seed)
+    groups = 4 if d % 4 == 0 else 1
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    return {
+        "u": rand(b, d, length),
+        "delta": rand(b, d, length, scale=0.5),
+        "A": -torch.exp(rand(d, n, scale=0.5)),
+        "B": rand(b, groups, n, length),
+        "C": rand(b, groups, n, length),
+        "D": rand(d),
+        "z": rand(b, d, length),
+        "delta_bias": rand(d, scale=0.5) - 4.0,
+    }
+
+
+def chunked(inp: dict) -> torch.Tensor:
+    return selective_scan(**inp, delta_softplus=True, backend="torch")
+
+
+def _prepare(inp: dict) -> tuple:
+    u, A, D, z = inp["u"], inp["A"], inp["D"], inp["z"]
+    d = u.shape[1]
+    delta = F.softplus(inp["delta"] + inp["delta_bias"][:, None])
+    B = inp["B"].repeat_interleave(d // inp["B"].shape[1], dim=1)  # (b, d, n, l)
+    C = inp["C"].repeat_interleave(d // inp["C"].shape[1], dim=1)
+    decay = torch.exp(delta.unsqueeze(2) * A[:, :, None])  # (b, d, n, l)
+    drive = (delta * u).unsqueeze(2) * B
+    return decay, drive, C, u, D, z
+
+
+def _finish(ys: list, u: torch.Tensor, D: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return (torch.stack(ys, dim=-1) + D[:, None] * u) * F.silu(z)
+
+
+def unbind_loop(inp: dict) -> torch.Tensor:
+    decay, drive, C, u, D, z = _prepare(inp)
+    h = torch.zeros_like(drive[..., 0])
+    ys = []
+    for a_t, x_t, c_t in zip(decay.unbind(-1), drive.unbind(-1), C.unbind(-1)):
+        h = torch.addcmul(x_t, a_t, h)
+        ys.append((h * c_t).sum(-1))
+    return _finish(ys, u, D, z)
+
+
+def index_loop(inp: dict) -> torch.Tensor:
+    decay, drive, C, u, D, z = _prepare(inp)
+    h = torch.zeros_like(drive[..., 0])
+    ys = []
+    for i in range(u.shape[-1]):
+        h = decay[:, :, :, i] * h + drive[:, :, :, i]
+        ys.append(torch.einsum("bdn,bdn->bd", h, C[:, :, :, i]))
+    return _finish(ys, u, D, z)
+
+
+IMPLS: dict[str, Callable[[dict], torch.Tensor]] = {
+    "chunked": chunked, "unbind loop": unbind_loop, "index loop": index_loop,
+}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_once(fn: Callable, inp: dict, backward: bool, device: str) -> float:
+    leaves = {k: v.detach().requires_grad_(backward) for k, v in inp.items()}
+    _sync(device)
+    start = time.perf_counter()
+    with torch.set_grad_enabled(backward):
+        y = fn(leaves)
+        if backward:
+            y.backward(torch.ones_like(y))
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def timed(fn: Callable, inp: dict, backward: bool, device: str, repeat: int) -> float:
+    times = [run_once(fn, inp, backward, device) for _ in range(repeat)]
+    return statistics.median(times)
+
+
+def grads(fn: Callable, inp: dict) -> tuple[torch.Tensor, dict]:
+    leaves = {k: v.detach().double().requires_grad_(False).to(v.dtype).requires_grad_() for k, v in inp.items()}
+    y = fn(leaves)
+    weight = torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)  # a non-uniform cotangent
+    (y * weight).sum().backward()
+    return y.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def peak_memory(impl: str, case: tuple, length: int, backward: bool, device: str) -> float:
+    """Peak memory in MiB of one call; on CPU measured in a fresh process (peak RSS growth)."""
+    if device == "cuda":
+        b, d, n = case[:3]
+        inp = make_inputs(b, d, n, length, device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run_once(IMPLS[impl], inp, backward, device)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    spec = json.dumps({"impl": impl, "case": list(case[:3]), "length": length, "backward": backward})
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _rss_peak_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def memory_child(spec: str) -> None:
+    """In a fresh process: peak RSS growth (MiB) of one call, after the inputs exist."""
+    torch.set_num_threads(torch.get_num_threads())
+    cfg = json.loads(spec)
+    if cfg["impl"] == "ss2d":
+        torch.manual_seed(0)
+        model = SS2D(cfg["channels"]).eval()
+        x = torch.randn(1, cfg["size"], cfg["size"], cfg["channels"])
+        base = _rss_peak_mib()
+        with torch.no_grad():
+            model(x)
+    else:
+        b, d, n = cfg["case"]
+        inp = make_inputs(b, d, n, cfg["length"], "cpu")
+        base = _rss_peak_mib()
+        run_once(IMPLS[cfg["impl"]], inp, cfg["backward"], "cpu")
+    print(_rss_peak_mib() - base)
+
+
+def kernel_agreement(case: tuple) -> None:
+    """Torch scan vs mamba-ssm's kernel (outputs and gradients), within mamba-ssm's tolerances."""
+    if scan_module._load_kernel() is None:
+        print(f"kernel check skipped: {scan_module._kernel_error}")
+        return
+    b, d, n, length = case[:4]
+    for dtype, rtol, atol in ((torch.float32, 6e-4, 2e-3), (torch.bfloat16, 3e-2, 5e-2)):
+        inp = make_inputs(b, d, n, length, "cuda")
+        inp = {k: (v.to(dtype) if k in ("u", "delta", "B", "C", "z") else v) for k, v in inp.items()}
+        results = {}
+        for backend in ("torch", "cuda"):
+            leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
+            y = selective_scan(**leaves, delta_softplus=True, backend=backend)
+            y.float().sum().backward()
+            results[backend] = (y.detach(), {k: v.grad for k, v in leaves.items()})
+        y_t, g_t = results["torch"]
+        y_k, g_k = results["cuda"]
+        ok = torch.allclose(y_t.float(), y_k.float(), rtol=rtol, atol=atol)
+        worst = max(
+            ((g_t[k].float() - g_k[k].float()).abs() - rtol * g_k[k].float().abs()).max().item()
+            for k in g_t
+        )
+        print(
+            f"kernel agreement {str(dtype):15s} case {case[:4]}: output within rtol={rtol} "
+            f"atol={atol}: {ok}; max |out diff| {(y_t.float() - y_k.float()).abs().max():.2e}; "
+            f"gradients' worst excess over rtol*|ref| {worst:.2e} (atol scale {atol})"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child)
+        return
+    device = args.device
+    cases = QUICK_CASES if args.quick else CASES
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
+
+    rows = []
+    for case in cases:
+        b, d, n, length, index_length = case
+        # Correctness first: the chunked scan against the unbind loop, outputs and all gradients.
+        inp = make_inputs(b, d, n, length, device)
+        y_c, g_c = grads(chunked, inp)
+        y_u, g_u = grads(unbind_loop, inp)
+        diffs = [max_rel_diff(y_c, y_u)] + [max_rel_diff(g_c[k], g_u[k]) for k in g_u]
+        print(f"case b={b} KD={d} N={n} L={length}: chunked vs unbind loop, max relative diff "
+              f"output {diffs[0]:.1e}, gradients {max(diffs[1:]):.1e}")
+        del y_c, g_c, y_u, g_u
+
+        for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+            base = {}
+            for impl, impl_len in (("chunked", length), ("unbind loop", length),
+                                   ("chunked", index_length), ("index loop", index_length)):
+                inp = make_inputs(b, d, n, impl_len, device)
+                run_once(IMPLS[impl], inp, backward, device)  # warm-up
+                t = timed(IMPLS[impl], inp, backward, device, 1 if impl == "index loop" else args.repeat)
+                mem = float("nan") if args.no_memory else peak_memory(impl, case, impl_len, backward, device)
+                if impl == "chunked":
+                    base[impl_len] = t
+                ratio = t / base[impl_len]
+                rows.append((f"b{b} KD{d} N{n}", mode, impl, impl_len, t, ratio, mem))
+                print(f"  {mode:8s} {impl:12s} L={impl_len:6d} {t * 1e3:10.1f} ms  x{ratio:7.1f}  {mem:8.0f} MiB",
+                      flush=True)
+
+    print("\nSummary (ratio = time / chunked time at the same length; higher = chunked faster)")
+    print(f"{'case':18s} {'mode':8s} {'impl':12s} {'L':>6s} {'ms':>10s} {'ratio':>8s} {'peak MiB':>9s}")
+    for case_name, mode, impl, impl_len, t, ratio, mem in rows:
+        print(f"{case_name:18s} {mode:8s} {impl:12s} {impl_len:6d} {t * 1e3:10.1f} {ratio:8.1f} {mem:9.0f}")
+
+    size = 64 if args.quick else 256
+    if device == "cpu":
+        spec = json.dumps({"impl": "ss2d", "channels": 64, "size": size})
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, __file__, "--memory-child", spec],
+                             capture_output=True, text=True, check=True)
+        mem = float(out.stdout.strip().splitlines()[-1])
+        print(f"\nSS2D(64) forward, batch 1, {size}x{size}, CPU, no grad: peak RSS growth {mem:.0f} MiB "
+              f"(target < 4096), {time.perf_counter() - start:.1f} s including process start")
+    else:
+        torch.manual_seed(0)
+        model = SS2D(64).to(device).eval()
+        x = torch.randn(1, size, size, 64, device=device)
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            model(x)
+        print(f"\nSS2D(64) forward, batch 1, {size}x{size}, CUDA: peak "
+              f"{(torch.cuda.max_memory_allocated() - base_mem) / 2**20:.0f} MiB")
+        for case in cases:
+            kernel_agreement(case)
+
+
+if __name__ == "__main__":
+    main()
