@@ -43,7 +43,7 @@ from rsseg.inference.rasterio_out import (
     remove_quietly,
     temporary_path,
 )
-from rsseg.inference.windows import Window, blend_weights, check_tile_overlap, window_grid
+from rsseg.inference.windows import Window, blend_weights, check_tile_overlap, ramp_1d, window_grid
 
 TTA_CHOICES = ("none", "flip", "d4")
 
@@ -324,40 +324,71 @@ def _threaded(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 
 
 class _RowBuffer:
-    """Blended scores for rows [top, top + height) across the full scene width."""
+    """Weighted class scores for rows [top, top + height) across the full scene width.
 
-    def __init__(self, num_classes: int, height: int, width: int, top: int) -> None:
+    The blend weight of a window is ``outer(wy, wx)`` with ``wy`` depending only on its window
+    row and ``wx`` only on its window column, so the total weight at a pixel is the product of a
+    per-row and a per-column sum (``row_sum``, ``col_sum``); no per-pixel weight buffer is kept.
+    Windows skipped as all-nodata break this only on nodata pixels, which are never read back.
+    """
+
+    def __init__(self, num_classes: int, height: int, width: int, top: int,
+                 row_sum: np.ndarray, col_sum: np.ndarray) -> None:
         self.scores = np.zeros((num_classes, height, width), dtype=np.float32)
-        self.weights = np.zeros((height, width), dtype=np.float32)
         self.valid = np.zeros((height, width), dtype=bool)
         self.top = top
+        self.height = height
+        self.row_sum, self.col_sum = row_sum, col_sum
 
     def add(self, w: Window, probs: np.ndarray, weights: np.ndarray, valid: np.ndarray) -> None:
         r = w.row - self.top
         sl = (slice(r, r + w.height), slice(w.col, w.col + w.width))
         self.scores[(slice(None),) + sl] += probs * weights
-        self.weights[sl] += weights
         self.valid[sl] |= valid
 
-    def take(self, until: int) -> tuple[int, np.ndarray, np.ndarray]:
-        """Finish rows [top, until): classes (uint8) and confidence (float32); shift the buffer."""
+    def take(self, until: int, chunk: int = 128) -> tuple[int, np.ndarray, np.ndarray]:
+        """Finish rows [top, until): classes (uint8) and confidence (float32); shift the buffer.
+
+        Rows are finished ``chunk`` at a time so that temporaries stay small for wide scenes.
+        """
         n = until - self.top
-        scores = self.scores[:, :n]
-        weights = self.weights[:n]
-        valid = self.valid[:n] & (weights > 0)
-        classes = np.argmax(scores, axis=0).astype(np.uint8)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            conf = scores.max(axis=0) / weights
-        classes[~valid] = NODATA_CLASS
-        conf = np.where(valid, conf, CONFIDENCE_NODATA).astype(np.float32)
+        width = self.scores.shape[2]
+        classes = np.empty((n, width), dtype=np.uint8)
+        conf = np.empty((n, width), dtype=np.float32)
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            scores = self.scores[:, a:b]
+            valid = self.valid[a:b]
+            np.argmax(scores, axis=0, out=(idx := np.empty((b - a, width), dtype=np.intp)))
+            classes[a:b] = idx
+            total = self.row_sum[self.top + a : self.top + b, None] * self.col_sum[None, :]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                conf[a:b] = scores.max(axis=0) / total
+            classes[a:b][~valid] = NODATA_CLASS
+            conf[a:b][~valid] = CONFIDENCE_NODATA
         top = self.top
-        # Shift the rest up and clear the freed rows.
-        for a in (self.scores, self.weights, self.valid):
-            rest = a[..., n:, :].copy()
-            a[..., : rest.shape[-2], :] = rest
-            a[..., rest.shape[-2] :, :] = 0
+        # Move the unfinished rows to the top and clear the rest, in place.
+        keep = self.height - n
+        if keep > 0:
+            self.scores[:, :keep] = self.scores[:, n:]
+            self.valid[:keep] = self.valid[n:]
+        self.scores[:, max(keep, 0):] = 0
+        self.valid[max(keep, 0):] = False
         self.top = until
         return top, classes, conf
+
+
+def weight_sums(grid: list[list[Window]], height: int, width: int, tile: int, overlap: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row and per-column sums of the separable blend weights over the whole grid."""
+    row_sum = np.zeros(height, dtype=np.float32)
+    col_sum = np.zeros(width, dtype=np.float32)
+    for line in grid:
+        w = line[0]
+        row_sum[w.row : w.row + w.height] += ramp_1d(tile, overlap, w.top_border, w.bottom_border)[: w.height]
+    for w in grid[0]:
+        col_sum[w.col : w.col + w.width] += ramp_1d(tile, overlap, w.left_border, w.right_border)[: w.width]
+    return row_sum, col_sum
 
 
 # ----------------------------------------------------------------------------- one scene
@@ -420,8 +451,8 @@ def predict_scene(
                                             transform=strip_transform, dtype="float32",
                                             nodata=CONFIDENCE_NODATA)
             writers.append(conf_writer)
-        run, skipped = _predict_rows(scene, model, spec, options, scale, lines, (y0, y1), width,
-                                     tile_s, overlap_s, cls_writer, conf_writer, strip[0])
+        run, skipped = _predict_rows(scene, model, spec, options, scale, grid, lines, (y0, y1), height,
+                                     width, tile_s, overlap_s, cls_writer, conf_writer, strip[0])
         if world_size > 1:
             for w in writers:
                 w.close_scratch()
@@ -448,8 +479,8 @@ def predict_scene(
     return SceneResult(scene, classes_out, confidence_out, run, n_skipped, scale)
 
 
-def _predict_rows(scene, model, spec, options, scale, lines, rows, width, tile_s, overlap_s,
-                  cls_writer, conf_writer, strip_top) -> tuple[int, list[Window]]:
+def _predict_rows(scene, model, spec, options, scale, grid, lines, rows, height, width, tile_s,
+                  overlap_s, cls_writer, conf_writer, strip_top) -> tuple[int, list[Window]]:
     y0, y1 = rows
     if not lines or y1 <= y0:
         return 0, []
@@ -457,7 +488,8 @@ def _predict_rows(scene, model, spec, options, scale, lines, rows, width, tile_s
     tile_model = round(tile_s * scale) if scale != 1.0 else options.tile
     reader = _SceneReader(scene, spec, scale, options)
     skipped: list[Window] = []
-    buffer = _RowBuffer(spec.num_classes, lines[0][0].height, width, lines[0][0].row)
+    row_sum, col_sum = weight_sums(grid, height, width, tile_s, overlap_s)
+    buffer = _RowBuffer(spec.num_classes, lines[0][0].height, width, lines[0][0].row, row_sum, col_sum)
     n_windows = sum(len(line) for line in lines)
     bar = tqdm(total=n_windows, desc=f"predict {scene.name}", unit="win", disable=not options.progress,
                leave=False)
@@ -485,7 +517,7 @@ def _predict_rows(scene, model, spec, options, scale, lines, rows, width, tile_s
                     bar.update(len(item))
                     until = lines[line_index][0].row if line_index < len(lines) else None
                     if until is None:
-                        until = buffer.top + buffer.weights.shape[0]
+                        until = buffer.top + buffer.height
                         until = min(until, lines[-1][0].row + lines[-1][0].height)
                     if until > buffer.top:
                         top, classes, conf = buffer.take(until)
