@@ -68,16 +68,17 @@ class FourDirectionMamba(nn.Module):
         x_dbl = torch.einsum("bkdl,kcd->bkcl", xin.view(b, k, di, length), self.x_proj_weight)
         dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_proj_weight)
+        sdt = torch.promote_types(xin.dtype, torch.float32)  # float32 scan, float64 stays float64
         y = selective_scan(
-            xin.float(),
-            dts.float().reshape(b, k * di, length),
-            -torch.exp(self.A_log.float()),
-            bs.float().contiguous(),
-            cs.float().contiguous(),
-            self.D.float(),
-            z=gate.float().reshape(b, k * di, length),
-            delta_bias=self.dt_proj_bias.float().reshape(-1),
+            xin.to(sdt),
+            dts.to(sdt).reshape(b, k * di, length),
+            -torch.exp(self.A_log.to(sdt)),
+            bs.to(sdt).contiguous(),
+            cs.to(sdt).contiguous(),
+            self.D.to(sdt),
+            z=gate.to(sdt).reshape(b, k * di, length),
+            delta_bias=self.dt_proj_bias.to(sdt).reshape(-1),
             delta_softplus=True,
         )
-        out = torch.einsum("bkdl,kcd->bkcl", y.view(b, k, di, length).to(x.dtype), self.out_proj_weight)
+        out = torch.einsum("bkdl,kcd->bkcl", y.view(b, k, di, length).to(xin.dtype), self.out_proj_weight)
         return from_sequences(out, h, w)

@@ -90,18 +90,19 @@ class SS2D(nn.Module):
         x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
         dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
-        # As VMamba: the scan runs on float32 inputs even under autocast.
+        # As VMamba: the scan runs on float32 inputs (float64 ones stay float64) under autocast too.
+        sdt = torch.promote_types(xs.dtype, torch.float32)
         y = selective_scan(
-            xs.float().reshape(b, k * di, length),
-            dts.float().reshape(b, k * di, length),
-            -torch.exp(self.A_logs.float()),
-            bs.float().contiguous(),
-            cs.float().contiguous(),
-            self.Ds.float(),
-            delta_bias=self.dt_projs_bias.float().reshape(-1),
+            xs.to(sdt).reshape(b, k * di, length),
+            dts.to(sdt).reshape(b, k * di, length),
+            -torch.exp(self.A_logs.to(sdt)),
+            bs.to(sdt).contiguous(),
+            cs.to(sdt).contiguous(),
+            self.Ds.to(sdt),
+            delta_bias=self.dt_projs_bias.to(sdt).reshape(-1),
             delta_softplus=True,
         )
-        return y.view(b, k, di, length)
+        return y.view(b, k, di, length).to(xs.dtype)
 
 
 class VSSBlock(nn.Module):
