@@ -167,7 +167,15 @@ def train(cfg: TrainConfig) -> TrainResult:
                                          mode="max", save_top_k=1, save_last=True)
         else:
             checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", save_top_k=1, save_last=True)
-        loggers: list = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
+        # A resumed run logs into a fresh sub-folder: Lightning's CSV logger would otherwise
+        # delete the first run's metrics.
+        log_version = ""
+        if cfg.resume:
+            n = 1
+            while (run_dir / "logs" / f"resumed-{n}").exists():
+                n += 1
+            log_version = f"resumed-{n}"
+        loggers: list = [CSVLogger(save_dir=str(run_dir), name="logs", version=log_version)]
         try:
             import tensorboard  # noqa: F401
             from lightning.pytorch.loggers import TensorBoardLogger
@@ -243,7 +251,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 },
             )
             bundle_path = save_bundle(run_dir / "best.safetensors", model, meta)
-        metrics_csv = run_dir / "logs" / "metrics.csv"
+        metrics_csv = Path(loggers[0].log_dir) / "metrics.csv"
         return TrainResult(
             bundle_path=bundle_path,
             best_val_miou=best_miou,

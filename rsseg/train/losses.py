@@ -4,8 +4,11 @@
   averaged over the *non-ignored* pixels. This is torch's ``cross_entropy(label_smoothing=...)``.
   GeoSeg's (smp's) SoftCrossEntropyLoss divides by all pixels, ignored ones included, so tiles
   with much padding weigh less; we deliberately average over labelled pixels only.
-- Dice: smp's multiclass DiceLoss (softmax, smooth 0.05, aggregated over the batch, ignored pixels
-  masked, classes absent from the batch's labels contribute 0 to the class mean), as in GeoSeg.
+- Dice: GeoSeg's multiclass Dice: softmax probabilities p, one-hot labels t, over all non-ignored
+  pixels of the batch, per class ``1 - (2 sum(p t) + s) / (sum p + sum t + s)`` with s = 0.05; a
+  class absent from the batch's labels contributes 0; mean over classes. Written here because
+  smp 0.6 changed its soft Dice to a Tversky form in which the smoothing term counts twice,
+  and a loss should not change with a library's version.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 
 
@@ -34,6 +36,30 @@ class SoftCrossEntropy(nn.Module):
         )
 
 
+class DiceLoss(nn.Module):
+    """Multiclass soft Dice with GeoSeg's smoothing (see module notes)."""
+
+    def __init__(self, smooth: float = 0.05, ignore_index: int = -100, eps: float = 1e-7) -> None:
+        super().__init__()
+        self.smooth = smooth
+        self.ignore_index = ignore_index
+        self.eps = eps
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        num_classes = logits.shape[1]
+        probs = logits.float().softmax(1)
+        valid = (target != self.ignore_index).unsqueeze(1)  # B, 1, H, W
+        onehot = F.one_hot(torch.where(valid[:, 0], target, 0), num_classes).permute(0, 3, 1, 2)
+        onehot = onehot.to(probs.dtype) * valid
+        probs = probs * valid
+        dims = (0, 2, 3)
+        intersection = (probs * onehot).sum(dims)
+        cardinality = probs.sum(dims) + onehot.sum(dims)
+        score = (2 * intersection + self.smooth) / (cardinality + self.smooth).clamp_min(self.eps)
+        present = onehot.sum(dims) > 0
+        return ((1 - score) * present).mean()
+
+
 class SegmentationLoss(nn.Module):
     """Soft-CE + Dice on the main output, ``aux_weight`` x Soft-CE on each auxiliary output.
 
@@ -46,12 +72,12 @@ class SegmentationLoss(nn.Module):
         super().__init__()
         self.ignore_index = ignore_index
         self.soft_ce = SoftCrossEntropy(smoothing, ignore_index)
-        self.dice = DiceLoss(mode="multiclass", smooth=dice_smooth, ignore_index=ignore_index)
+        self.dice = DiceLoss(dice_smooth, ignore_index)
         self.aux_weight = aux_weight
 
     def forward(self, outputs: Any, target: torch.Tensor) -> torch.Tensor:
         main, aux = split_outputs(outputs)
-        loss = self.soft_ce(main, target) + self.dice(main.float(), target)
+        loss = self.soft_ce(main, target) + self.dice(main, target)
         for extra in aux:
             if extra.shape[-2:] != target.shape[-2:]:
                 extra = F.interpolate(extra, size=target.shape[-2:], mode="bilinear", align_corners=False)

@@ -1,0 +1,245 @@
+"""Training and evaluation on small fake Vaihingen data: learning, bundle, eval vs an independent
+confusion matrix, NaN stop, resume, CLI, and a two-process CPU DDP run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from _fake_layouts import make_vaihingen
+from rsseg.config import AugmentConfig, TrainConfig
+from rsseg.data.prepare import prepare_dataset, read_manifest
+from rsseg.data.specs import ISPRS_COLORS, get_spec
+from rsseg.models.registry import register_model
+from rsseg.train.fit import train
+from rsseg.train.module import NonFiniteLossError
+
+TESTS_DIR = Path(__file__).parent
+
+
+# A tiny fully convolutional net (no normalisation layers) learns the fake data's colour-coded
+# classes in a few dozen steps on a CPU, which a ResNet U-Net does not.
+@register_model("test-tiny-fcn", paper="test fixture", description="3-layer FCN for tests")
+def tiny_fcn(num_classes: int, in_channels: int, width: int = 16) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(width, num_classes, 1),
+    )  # fmt: skip
+
+
+class _NaNAfter(nn.Module):
+    """Its own criterion turns NaN after three training steps."""
+
+    def __init__(self, num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        self.net = tiny_fcn(num_classes, in_channels, width=4)
+        self.calls = 0
+
+    def forward(self, x):
+        return self.net(x)
+
+    def compute_loss(self, outputs, target, ignore_index):
+        self.calls += 1
+        loss = nn.functional.cross_entropy(outputs, target, ignore_index=ignore_index)
+        return loss * float("nan") if self.calls > 3 else loss
+
+
+register_model("test-nan-after-3", paper="test fixture")(_NaNAfter)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("vaihingen")
+    make_vaihingen(root / "raw", size=(128, 128))  # train 1 3 5 7 (one held out), test 2 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return prepare_dataset("vaihingen", root / "raw", root / "prepared", patch=64, progress=False)
+
+
+def _cfg(prepared: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        dataset="vaihingen", data_dir=str(prepared), patch_size=64, crop_size=64,
+        model="test-tiny-fcn", epochs=6, batch_size=8, lr=1e-2, backbone_lr=1e-2,
+        scheduler="none", workers=0, output_dir=str(out), progress=False, seed=0,
+        augment=AugmentConfig(scales=(1.0,), mosaic_p=0.0),
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def run(prepared, tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("runs")
+    cfg = _cfg(prepared, out, run_name="fcn")
+    return cfg, train(cfg)
+
+
+def test_short_training_lifts_validation_miou_far_above_chance(run):
+    _, result = run
+    # Chance level for 5 mean classes is about 0.1; the colour-coded classes are learnable.
+    assert result.best_val_miou is not None and result.best_val_miou > 0.6
+    assert result.best_checkpoint.is_file() and result.last_checkpoint.is_file()
+    header = result.metrics_csv.read_text().splitlines()[0]
+    assert "val_mIoU" in header and "train_loss_step" in header
+
+
+def test_bundle_carries_classes_bands_and_normalisation(run, prepared):
+    from rsseg.bundle import read_bundle_meta
+
+    _, result = run
+    meta = read_bundle_meta(result.bundle_path)
+    spec = get_spec("vaihingen")
+    assert meta.class_names == list(spec.classes)
+    assert meta.class_colors == [list(c) for c in spec.colors]
+    assert meta.ignore_index == 6 and meta.bands == [1, 2, 3]
+    assert meta.band_names == ["NIR", "R", "G"]
+    assert meta.mean == pytest.approx(list(spec.mean)) and meta.std == pytest.approx(list(spec.std))
+    assert meta.dataset == "vaihingen" and meta.patch_size == 64 and meta.gsd_m == pytest.approx(0.09)
+    assert meta.extra["best_val_miou"] == pytest.approx(result.best_val_miou)
+
+
+def _decode_independently(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        rgb = src.read()
+    labels = np.full(rgb.shape[1:], 6, dtype=np.int64)
+    for index, color in enumerate(ISPRS_COLORS):
+        labels[np.all(rgb == np.array(color)[:, None, None], axis=0)] = index
+    return labels
+
+
+def test_eval_equals_a_confusion_matrix_computed_from_the_source_tiles(run, prepared):
+    """Predictions stitched back into each test tile, scored against the eroded source labels."""
+    from rsseg.bundle import load_bundle
+    from rsseg.train.evaluate import evaluate
+
+    _, result = run
+    scores = evaluate(result.bundle_path, "vaihingen", prepared, split="test")
+    model, meta = load_bundle(result.bundle_path)
+    manifest = read_manifest(prepared)
+    mean = torch.tensor(meta.mean).view(1, -1, 1, 1)
+    std = torch.tensor(meta.std).view(1, -1, 1, 1)
+    cm = np.zeros((6, 6), dtype=np.int64)
+    assert manifest["splits"]["test"] == ["2", "4"]
+    for tile in manifest["splits"]["test"]:
+        entry = manifest["tiles"][tile]
+        truth = _decode_independently(Path(entry["label"]))
+        assert Path(entry["label"]).name.endswith("_noBoundary.tif")
+        pred = np.full((truth.shape[0] + 64, truth.shape[1] + 64), -1, dtype=np.int64)
+        for patch in entry["patches"]:
+            col, row = patch["window"][:2]
+            with rasterio.open(prepared / patch["image"]) as src:
+                x = torch.from_numpy(src.read().astype(np.float32))[None]
+            with torch.no_grad():
+                pred[row : row + 64, col : col + 64] = model((x - mean) / std).argmax(1)[0].numpy()
+        pred = pred[: truth.shape[0], : truth.shape[1]]
+        assert (pred >= 0).all()  # every pixel predicted exactly once
+        keep = truth != 6
+        cm += np.bincount(truth[keep] * 6 + pred[keep], minlength=36).reshape(6, 6)
+    np.testing.assert_array_equal(scores.confusion, cm)
+    tp = np.diag(cm)
+    iou = tp / (cm.sum(0) + cm.sum(1) - tp)
+    assert scores.miou == pytest.approx(np.nanmean(iou[:5]))  # Clutter left out
+    assert scores.oa == pytest.approx(tp.sum() / cm.sum())
+    assert "without clutter" in scores.format_table()
+    assert scores.to_dict()["mean_classes"] == list(get_spec("vaihingen").classes[:5])
+
+
+def test_resume_continues_from_the_last_checkpoint(run):
+    cfg, result = run
+    resumed = train(cfg.replace(resume="last", epochs=7))
+    assert resumed.run_dir == result.run_dir
+    state = torch.load(resumed.last_checkpoint, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 6  # one more epoch than the first run's 0..5
+    epochs = {line.split(",")[0] for line in resumed.metrics_csv.read_text().splitlines()[1:]}
+    assert "6" in epochs
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(prepared, tmp_path):
+    cfg = _cfg(prepared, tmp_path, model="test-nan-after-3", epochs=5, run_name="nan")
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan .*last\.ckpt"):
+        train(cfg)
+    last = tmp_path / "nan" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 0  # saved after the first (finite) epoch of 3 steps
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+def test_bare_train_without_data_names_the_files_to_put_where(tmp_path, monkeypatch):
+    from rsseg.cli import main
+
+    monkeypatch.setenv("RSSEG_DATA", str(tmp_path / "data"))
+    res = CliRunner().invoke(main, ["train", "--dataset", "vaihingen", "-o", str(tmp_path / "runs")])
+    assert res.exit_code == 1
+    line = res.output.strip()
+    assert "\n" not in line and line.startswith("rsseg: error: no vaihingen data found")
+    assert "ISPRS_semantic_labeling_Vaihingen.zip" in line and str(tmp_path / "data" / "vaihingen") in line
+
+
+def test_cli_train_prepares_archives_from_the_default_place_then_eval(tmp_path, monkeypatch):
+    from rsseg.cli import main
+
+    monkeypatch.setenv("RSSEG_DATA", str(tmp_path / "data"))
+    make_vaihingen(tmp_path / "data" / "vaihingen", areas=(1, 3, 2), size=(64, 64), zipped=True)
+    runner = CliRunner()
+    res = runner.invoke(main, [
+        "train", "--dataset", "vaihingen", "--model", "test-tiny-fcn", "--patch-size", "64",
+        "--crop-size", "64", "--epochs", "1", "--workers", "0", "--batch-size", "2",
+        "-o", str(tmp_path / "runs"),
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    bundle = tmp_path / "runs" / "test-tiny-fcn-vaihingen" / "best.safetensors"
+    assert bundle.is_file()
+    assert (tmp_path / "data" / "vaihingen" / "prepared-irrg-64" / "manifest.json").is_file()
+    res = runner.invoke(main, ["eval", "--model", str(bundle), "--tta", "flip", "--json", str(tmp_path / "s.json")])
+    assert res.exit_code == 0, res.output
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert scores["split"] == "test" and scores["tta"] == "flip" and scores["dataset"] == "vaihingen"
+    assert sum(map(sum, scores["confusion_matrix"])) == scores["pixels"] > 0
+    assert "without clutter" in res.output
+
+
+DDP_SCRIPT = """
+import os, sys, warnings
+warnings.simplefilter("ignore")
+sys.path.insert(0, {tests!r})
+import test_train  # registers test-tiny-fcn in every process
+from rsseg.config import AugmentConfig, TrainConfig
+from rsseg.train.fit import train
+cfg = TrainConfig(dataset="vaihingen", data_dir={data!r}, patch_size=64, crop_size=64,
+                  model="test-tiny-fcn", epochs=1, batch_size=4, workers=0, output_dir={out!r},
+                  run_name="ddp", devices=2, accelerator="cpu", progress=False,
+                  augment=AugmentConfig(scales=(1.0,), mosaic_p=0.0))
+result = train(cfg)
+import torch.distributed as dist
+print("RANK", os.environ.get("LOCAL_RANK", "0"), "WORLD", dist.get_world_size() if dist.is_initialized() else 1,
+      "BUNDLE", result.bundle_path, flush=True)
+"""
+
+
+def test_two_process_cpu_ddp_run(prepared, tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(TESTS_DIR), data=str(prepared),
+                                                        out=str(tmp_path / "runs"))))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = sorted(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("RANK"))
+    assert ranks == ["0", "1"]
+    assert all(" WORLD 2 " in line for line in proc.stdout.splitlines() if line.startswith("RANK"))
+    assert (tmp_path / "runs" / "ddp" / "best.safetensors").is_file()
+    assert not (tmp_path / "runs" / "ddp-2").exists()  # both ranks used one run folder
