@@ -43,63 +43,90 @@ def head_decays(num_heads: int, initial_value: float, heads_range: float) -> tor
     RMT gives each head its own gamma so that heads see different spatial ranges: with RMT-T's
     stage-1 values (2, 4) the four heads get 0.75, 0.875, 0.9375, 0.96875.
     """
-    exponent = initial_value + heads_range * torch.arange(num_heads, dtype=torch.float64) / num_heads
+    exponent = (
+        initial_value + heads_range * torch.arange(num_heads, dtype=torch.float64) / num_heads
+    )
     return (1.0 - 2.0 ** (-exponent)).float()
 
 
+def axis_distance(length: int, device: torch.device | None = None) -> torch.Tensor:
+    """|n - m| between positions along one image axis, float32 (length, length)."""
+    index = torch.arange(length, device=device, dtype=torch.float32)
+    return (index[:, None] - index[None, :]).abs()
+
+
+def manhattan_distance(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
+    """|x_n - x_m| + |y_n - y_m| between row-major tokens of an H x W map, float32 (HW, HW)."""
+    d_y, d_x = axis_distance(height, device), axis_distance(width, device)
+    return (d_y[:, None, :, None] + d_x[None, :, None, :]).reshape(height * width, height * width)
+
+
 def axis_decay_mask(length: int, gamma: torch.Tensor) -> torch.Tensor:
-    """D[h, n, m] = gamma_h ^ |n - m| along one image axis (eq. 13); shape (heads, length, length)."""
-    index = torch.arange(length, device=gamma.device, dtype=gamma.dtype)
-    distance = (index[:, None] - index[None, :]).abs()
-    return gamma[:, None, None] ** distance
+    """D[h, n, m] = gamma_h ^ |n - m| along one image axis (eq. 13); shape (heads, L, L)."""
+    return gamma.float()[:, None, None] ** axis_distance(length, gamma.device)
 
 
 def manhattan_decay_mask(height: int, width: int, gamma: torch.Tensor) -> torch.Tensor:
     """D2d[h, n, m] = gamma_h ^ (|x_n - x_m| + |y_n - y_m|) over row-major tokens (eq. 8).
 
-    Shape (heads, H*W, H*W). It is the product of the two axis masks, which is how it is built.
+    Shape (heads, H*W, H*W).
     """
-    d_h = axis_decay_mask(height, gamma)  # (heads, H, H)
-    d_w = axis_decay_mask(width, gamma)  # (heads, W, W)
-    mask = d_h[:, :, None, :, None] * d_w[:, None, :, None, :]  # (heads, H, W, H, W)
-    return mask.reshape(gamma.shape[0], height * width, height * width)
+    return gamma.float()[:, None, None] ** manhattan_distance(height, width, gamma.device)
 
 
 def _decayed_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, mode: DecayMode
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    distance: torch.Tensor,
+    gamma: torch.Tensor,
+    mode: DecayMode,
 ) -> torch.Tensor:
-    """Attention over the second-to-last axis with a multiplicative decay (heads, n, n).
+    """Attention over the second-to-last axis of q with decay gamma_h ^ distance (n, n).
 
     "paper": Softmax(q k^T) * D (the equations of both papers: decay after normalisation).
     "logit": Softmax(q k^T + log D) (the released RMT code: decay inside the softmax), which is
     scaled_dot_product_attention with an additive mask, so large maps use its fused kernels.
-    ``q`` is expected already scaled by head_dim^-0.5.
+    ``q`` is expected already scaled by head_dim^-0.5. The mask is built in float32 (and in log
+    space for "logit") so that half precision neither rounds gamma nor underflows gamma^d.
     """
-    # decay broadcasts over every leading axis of q except the head axis (dim 1).
-    shape = (1, decay.shape[0]) + (1,) * (q.dim() - 4) + decay.shape[1:]
-    decay = decay.reshape(shape)
+    # The mask broadcasts over every leading axis of q except the head axis (dim 1).
+    shape = (1, gamma.shape[0]) + (1,) * (q.dim() - 4) + distance.shape
+    gamma = gamma.float()[:, None, None]
     if mode == "logit":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=decay.log().to(q.dtype), scale=1.0)
-    attn = torch.softmax(q @ k.transpose(-1, -2), dim=-1) * decay.to(q.dtype)
+        bias = (distance * gamma.log()).reshape(shape).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    decay = (gamma**distance).reshape(shape).to(q.dtype)
+    attn = torch.softmax(q @ k.transpose(-1, -2), dim=-1) * decay
     return attn @ v
 
 
 def full_retention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor, mode: DecayMode = "paper"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor,
+    mode: DecayMode = "paper",
 ) -> torch.Tensor:
     """Manhattan self-attention over all H*W tokens with the 2D decay mask (eqs. 6-8).
 
-    q, k: (B, heads, H, W, dk) with q already scaled; v: (B, heads, H, W, dv) -> (B, heads, H, W, dv).
+    q, k: (B, heads, H, W, dk), q already scaled; v: (B, heads, H, W, dv) -> (B, heads, H, W, dv).
     Memory grows with (H*W)^2: use it where the token count is small (RMT's late stages).
     """
     b, n, h, w, _ = q.shape
-    mask = manhattan_decay_mask(h, w, gamma.to(q.dtype))
-    out = _decayed_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), mask, mode)
+    distance = manhattan_distance(h, w, q.device)
+    out = _decayed_attention(
+        q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), distance, gamma, mode
+    )
     return out.reshape(b, n, h, w, -1)
 
 
 def decomposed_retention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor, mode: DecayMode = "paper"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gamma: torch.Tensor,
+    mode: DecayMode = "paper",
 ) -> torch.Tensor:
     """Retention decomposed along width, then height (eqs. 9-14): Attn_H (Attn_W V).
 
@@ -108,17 +135,17 @@ def decomposed_retention(
     Shapes as in :func:`full_retention`.
     """
     h, w = q.shape[2], q.shape[3]
-    dtype = q.dtype
     # Along width: rows are the batch-like axis, (B, heads, H, W, d).
-    rows = _decayed_attention(q, k, v, axis_decay_mask(w, gamma.to(dtype)), mode)
+    rows = _decayed_attention(q, k, v, axis_distance(w, q.device), gamma, mode)
     # Along height: put columns first, (B, heads, W, H, d).
-    cols = _decayed_attention(
-        q.transpose(2, 3), k.transpose(2, 3), rows.transpose(2, 3), axis_decay_mask(h, gamma.to(dtype)), mode
-    )
+    q_t, k_t, rows_t = q.transpose(2, 3), k.transpose(2, 3), rows.transpose(2, 3)
+    cols = _decayed_attention(q_t, k_t, rows_t, axis_distance(h, q.device), gamma, mode)
     return cols.transpose(2, 3)
 
 
-def rotary_tables(height: int, width: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(
+    height: int, width: int, head_dim: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """sin/cos tables (H, W, head_dim) of the rotation Theta_n = e^{i n theta} (eq. 3).
 
     As in RMT, n is the row-major token index and theta_j = 10000^-(j / (head_dim/2 - 1)),
@@ -156,7 +183,7 @@ class DepthwiseConv(nn.Conv2d):
 class ManhattanSelfAttention(nn.Module):
     """Multi-head Manhattan self-attention (MaSA) with a 5x5 depthwise LePE on the values.
 
-    ``decomposed=True`` uses eqs. 9-14 (linear in H*W per axis); False uses the full 2D mask (eq. 8).
+    ``decomposed=True`` uses eqs. 9-14 (cost O(HW(H+W))); False the full 2D mask (eq. 8).
     """
 
     def __init__(self, dim: int, num_heads: int, decomposed: bool, decay_mode: DecayMode) -> None:
@@ -177,7 +204,9 @@ class ManhattanSelfAttention(nn.Module):
         b, h, w, _ = x.shape
         return x.reshape(b, h, w, self.num_heads, self.head_dim).permute(0, 3, 1, 2, 4)
 
-    def forward(self, x: torch.Tensor, gamma: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, gamma: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         b, h, w, c = x.shape
         sin, cos = rotary
         v = self.v(x)
@@ -229,7 +258,9 @@ class RetentionBlock(nn.Module):
         else:
             self.scale1 = self.scale2 = None
 
-    def forward(self, x: torch.Tensor, gamma: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, gamma: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
         x = x + self.cpe(x)
         y = self.attn(self.norm1(x), gamma, rotary)
         x = x + self.drop_path(y if self.scale1 is None else self.scale1 * y)
@@ -238,7 +269,7 @@ class RetentionBlock(nn.Module):
 
 
 class RMTStage(nn.Module):
-    """Retention blocks at one resolution, then (except the last stage) a 3x3/2 conv patch merging."""
+    """Retention blocks at one resolution, then (but in the last stage) 3x3/2 conv patch merging."""
 
     def __init__(
         self,
@@ -258,11 +289,15 @@ class RMTStage(nn.Module):
         # The decays are fixed by the configuration: a buffer, not saved with the weights.
         self.register_buffer("gamma", gamma, persistent=False)
         self.blocks = nn.ModuleList(
-            RetentionBlock(dim, num_heads, mlp_ratio, decomposed, decay_mode, drop_paths[i], layer_scale)
+            RetentionBlock(
+                dim, num_heads, mlp_ratio, decomposed, decay_mode, drop_paths[i], layer_scale
+            )
             for i in range(depth)
         )
         self.downsample = (
-            nn.Sequential(nn.Conv2d(dim, out_dim, 3, 2, 1), nn.BatchNorm2d(out_dim)) if out_dim else None
+            nn.Sequential(nn.Conv2d(dim, out_dim, 3, 2, 1), nn.BatchNorm2d(out_dim))
+            if out_dim
+            else None
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -294,10 +329,14 @@ class RMTConfig:
 
 
 class RMTBackbone(nn.Module):
-    """RMT: stem to 1/4, four retention stages; returns LayerNorm-ed maps at 1/4, 1/8, 1/16, 1/32."""
+    """RMT: stem to 1/4, four retention stages; LayerNorm-ed maps at 1/4, 1/8, 1/16, 1/32."""
 
     def __init__(
-        self, cfg: RMTConfig, in_channels: int = 3, decay_mode: DecayMode = "paper", decompose_all: bool = False
+        self,
+        cfg: RMTConfig,
+        in_channels: int = 3,
+        decay_mode: DecayMode = "paper",
+        decompose_all: bool = False,
     ) -> None:
         super().__init__()
         d0 = cfg.dims[0]
@@ -424,7 +463,9 @@ class SegRet(nn.Module):
     ) -> None:
         super().__init__()
         if decay_mode not in _DECAY_MODES:
-            raise UsageError(f"SegRet: decay_mode must be one of {', '.join(_DECAY_MODES)}, got {decay_mode!r}")
+            raise UsageError(
+                f"SegRet: decay_mode must be one of {', '.join(_DECAY_MODES)}, got {decay_mode!r}"
+            )
         self.backbone = RMTBackbone(backbone_cfg, in_channels, decay_mode, decompose_all)
         self.decoder = ZeroInitResidualDecoder(
             self.backbone.out_channels, decoder_channels, num_classes, zero_residual, dropout
@@ -439,7 +480,7 @@ class SegRet(nn.Module):
 # Local backbone weights (never downloaded).
 
 # Released RMT checkpoints (classification or segmentation) name modules differently; these rules
-# rename their keys to ours. Keys they have and we do not (classifier head, decay buffers) are dropped.
+# rename their keys to ours. Keys we do not have (classifier head, decay buffers) are dropped.
 _RMT_KEY_RULES: list[tuple[str, str]] = [
     (r"^patch_embed\.proj\.", "stem."),
     (r"^layers\.(\d+)\.downsample\.reduction\.", r"stages.\1.downsample.0."),
@@ -468,7 +509,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors have no common base class
-        raise UsageError(f"SegRet pretrained file {path} is not a readable weights file ({exc})") from exc
+        raise UsageError(
+            f"SegRet pretrained file {path} is not a readable weights file ({exc})"
+        ) from exc
     for key in ("model", "state_dict"):  # RMT classification / mmseg checkpoints nest the weights
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -505,8 +548,13 @@ def load_backbone_weights(backbone: RMTBackbone, path: str | Path) -> None:
             if ours.endswith(("scale1", "scale2")):
                 value = value.reshape(-1)  # released layer scales are (1, 1, 1, C)
             state[ours] = value
-    if "stem.0.weight" in state and state["stem.0.weight"].shape[1] != own["stem.0.weight"].shape[1]:
-        state["stem.0.weight"] = adapt_input_conv(own["stem.0.weight"].shape[1], state["stem.0.weight"])
+    if (
+        "stem.0.weight" in state
+        and state["stem.0.weight"].shape[1] != own["stem.0.weight"].shape[1]
+    ):
+        state["stem.0.weight"] = adapt_input_conv(
+            own["stem.0.weight"].shape[1], state["stem.0.weight"]
+        )
     wrong = [k for k in state if state[k].shape != own[k].shape]
     missing = [k for k in own if k not in state and not k.startswith("out_norms.")]
     if wrong or missing or not state:
@@ -550,7 +598,10 @@ RMT_SIZES: dict[str, RMTConfig] = {
     ),
 }  # fmt: skip
 DECODER_CHANNELS = {"t": 256, "s": 256, "b": 256, "l": 512}
-_PAPER = "SegRet: An Efficient Design for Semantic Segmentation with Retentive Network (2025); backbone RMT (Fan et al., CVPR 2024)"
+_PAPER = (
+    "SegRet: An Efficient Design for Semantic Segmentation with Retentive Network (2025); "
+    "backbone RMT (Fan et al., CVPR 2024)"
+)
 _SIZE_NAMES = {"t": "Tiny", "s": "Small", "b": "Base", "l": "Large"}
 
 
@@ -596,8 +647,10 @@ def _register(size: str) -> None:
     @register_model(
         f"segret-{size}",
         paper=_PAPER,
-        description=f"SegRet-{name}: RMT-{size.upper()} backbone, zero-initialised residual decoder "
-        f"(C={DECODER_CHANNELS[size]})",
+        description=(
+            f"SegRet-{name}: RMT-{size.upper()} backbone, zero-initialised residual decoder "
+            f"(C={DECODER_CHANNELS[size]})"
+        ),
     )
     def build(num_classes: int, in_channels: int, **cfg: Any) -> nn.Module:
         return build_segret(size, num_classes, in_channels, **cfg)
@@ -613,10 +666,12 @@ __all__ = [
     "SegRet",
     "ZeroInitResidualDecoder",
     "axis_decay_mask",
+    "axis_distance",
     "build_segret",
     "decomposed_retention",
     "full_retention",
     "head_decays",
     "load_backbone_weights",
     "manhattan_decay_mask",
+    "manhattan_distance",
 ]
