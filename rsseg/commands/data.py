@@ -76,7 +76,12 @@ def train(config_path, resume, resume_from, devices, **options) -> None:
     from rsseg.config import TrainConfig, load_config
     from rsseg.train.fit import train as run_training
 
-    cfg = load_config(config_path) if config_path else TrainConfig()
+    if config_path:
+        cfg = load_config(config_path)
+    elif options.get("dataset") == "synthetic":
+        cfg = load_config("cpu-tiny")  # generated data: a run that finishes in minutes on a CPU
+    else:
+        cfg = TrainConfig()
     cfg = cfg.replace(**options, devices=_devices(devices),
                       resume=resume_from or ("last" if resume else None))
     result = run_training(cfg)

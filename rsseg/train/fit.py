@@ -68,7 +68,9 @@ def _synthetic_data(cfg: TrainConfig, run_dir: Path) -> Path:
         write_vaihingen_layout(raw, areas=cfg.synthetic_areas, size=cfg.synthetic_tile_size, seed=cfg.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # synthetic tiles: no eroded labels, by design
-        return prepare_dataset("synthetic", raw, prepared, patch=cfg.patch_size,
+        # Patches larger than the generated tiles would be mostly padding.
+        patch = min(cfg.patch_size, cfg.synthetic_tile_size)
+        return prepare_dataset("synthetic", raw, prepared, patch=patch,
                                val_fraction=cfg.val_fraction, seed=cfg.seed, progress=cfg.progress)
 
 
