@@ -252,6 +252,17 @@ def test_cpu_training_step_reduces_loss() -> None:
     assert losses[-1] < 0.8 * losses[0]
 
 
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(9)
+    plain, checkpointed = tiny_segret(dropout=0.0), tiny_segret(dropout=0.0, grad_checkpoint=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x, target = torch.randn(2, 3, 24, 24), torch.randint(0, 3, (2, 24, 24))
+    for model in (plain, checkpointed):
+        nn.functional.cross_entropy(model(x), target).backward()
+    for (name, p1), p2 in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, msg=name)
+
+
 def test_layer_scale_only_where_configured() -> None:
     backbone = RMTBackbone(TINY)
     names = [n for n, _ in backbone.named_parameters() if n.endswith(("scale1", "scale2"))]

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
@@ -43,10 +44,8 @@ def head_decays(num_heads: int, initial_value: float, heads_range: float) -> tor
     RMT gives each head its own gamma so that heads see different spatial ranges: with RMT-T's
     stage-1 values (2, 4) the four heads get 0.75, 0.875, 0.9375, 0.96875.
     """
-    exponent = (
-        initial_value + heads_range * torch.arange(num_heads, dtype=torch.float64) / num_heads
-    )
-    return (1.0 - 2.0 ** (-exponent)).float()
+    rates = [1.0 - 2.0 ** -(initial_value + heads_range * h / num_heads) for h in range(num_heads)]
+    return torch.tensor(rates, device="cpu")
 
 
 def axis_distance(length: int, device: torch.device | None = None) -> torch.Tensor:
@@ -277,17 +276,20 @@ class RMTStage(nn.Module):
         out_dim: int | None,
         depth: int,
         num_heads: int,
-        gamma: torch.Tensor,
+        gammas: list[float],
         mlp_ratio: float,
         decomposed: bool,
         decay_mode: DecayMode,
         drop_paths: list[float],
         layer_scale: float | None,
+        grad_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         self.head_dim = dim // num_heads
-        # The decays are fixed by the configuration: a buffer, not saved with the weights.
-        self.register_buffer("gamma", gamma, persistent=False)
+        # The decays are fixed by the configuration: plain floats, so that neither the weights
+        # file nor a cast of the model to half precision touches them.
+        self.gammas = list(gammas)
+        self.grad_checkpoint = grad_checkpoint
         self.blocks = nn.ModuleList(
             RetentionBlock(
                 dim, num_heads, mlp_ratio, decomposed, decay_mode, drop_paths[i], layer_scale
@@ -304,8 +306,13 @@ class RMTStage(nn.Module):
         """(B, H, W, C) -> (stage output, merged input of the next stage or None)."""
         _, h, w, _ = x.shape
         rotary = tuple(t.to(x.dtype) for t in rotary_tables(h, w, self.head_dim, x.device))
+        gamma = torch.tensor(self.gammas, device=x.device)
         for block in self.blocks:
-            x = block(x, self.gamma, rotary)
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                # Recompute the block in the backward pass instead of keeping its activations.
+                x = torch.utils.checkpoint.checkpoint(block, x, gamma, rotary, use_reentrant=False)
+            else:
+                x = block(x, gamma, rotary)
         if self.downsample is None:
             return x, None
         merged = self.downsample(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -337,6 +344,7 @@ class RMTBackbone(nn.Module):
         in_channels: int = 3,
         decay_mode: DecayMode = "paper",
         decompose_all: bool = False,
+        grad_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         d0 = cfg.dims[0]
@@ -359,12 +367,15 @@ class RMTBackbone(nn.Module):
                     out_dim=cfg.dims[i + 1] if i < 3 else None,
                     depth=cfg.depths[i],
                     num_heads=cfg.num_heads[i],
-                    gamma=head_decays(cfg.num_heads[i], cfg.initial_value, cfg.heads_ranges[i]),
+                    gammas=head_decays(
+                        cfg.num_heads[i], cfg.initial_value, cfg.heads_ranges[i]
+                    ).tolist(),
                     mlp_ratio=cfg.mlp_ratios[i],
                     decomposed=decompose_all or cfg.decomposed[i],
                     decay_mode=decay_mode,
                     drop_paths=rates[start : start + cfg.depths[i]],
                     layer_scale=cfg.layer_scale_init if cfg.layer_scale[i] else None,
+                    grad_checkpoint=grad_checkpoint,
                 )
             )
         self.out_norms = nn.ModuleList(nn.LayerNorm(d) for d in cfg.dims)
@@ -460,13 +471,16 @@ class SegRet(nn.Module):
         decay_mode: DecayMode = "paper",
         decompose_all: bool = False,
         dropout: float = 0.1,
+        grad_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         if decay_mode not in _DECAY_MODES:
             raise UsageError(
                 f"SegRet: decay_mode must be one of {', '.join(_DECAY_MODES)}, got {decay_mode!r}"
             )
-        self.backbone = RMTBackbone(backbone_cfg, in_channels, decay_mode, decompose_all)
+        self.backbone = RMTBackbone(
+            backbone_cfg, in_channels, decay_mode, decompose_all, grad_checkpoint
+        )
         self.decoder = ZeroInitResidualDecoder(
             self.backbone.out_channels, decoder_channels, num_classes, zero_residual, dropout
         )
@@ -617,11 +631,13 @@ def build_segret(
     decompose_all: bool = False,
     drop_path_rate: float | None = None,
     dropout: float = 0.1,
+    grad_checkpoint: bool = False,
 ) -> SegRet:
     """SegRet of one size. ``pretrained``: local RMT backbone weights (.pth/.pt/.safetensors).
 
     ``decompose_all`` uses the decomposed retention in every stage (needed for ~1024 px inputs);
-    ``decay_mode="logit"`` matches the released RMT code (use it with released RMT weights).
+    ``decay_mode="logit"`` matches the released RMT code (use it with released RMT weights);
+    ``grad_checkpoint`` recomputes each retention block in the backward pass (less memory).
     """
     cfg = RMT_SIZES[size]
     if drop_path_rate is not None:
@@ -635,6 +651,7 @@ def build_segret(
         decay_mode=decay_mode,
         decompose_all=decompose_all,
         dropout=dropout,
+        grad_checkpoint=grad_checkpoint,
     )
     if pretrained:
         load_backbone_weights(model.backbone, pretrained)
