@@ -227,3 +227,16 @@ def test_dataset_items_match_the_manifest(tmp_path):
     assert sample["mask"].shape == (32, 32) and int(sample["mask"].max()) <= IGNORE
     assert len(ds) == sum(len(read_manifest(out)["tiles"][t]["patches"]) for t in ["2"])
     assert json.loads((out / "manifest.json").read_text())["classes"] == list(get_spec("vaihingen").classes)
+
+
+def test_archives_inside_a_download_archive_are_found(tmp_path):
+    """The ISPRS download (e.g. Potsdam.zip) holds the official zips one level down."""
+    make_potsdam(tmp_path / "stage", tiles=("2_10", "2_13"), size=(64, 64), zipped=True)
+    with zipfile.ZipFile(tmp_path / "Potsdam.zip", "w") as zf:
+        for inner in ("4_Ortho_RGBIR.zip", "5_Labels_all.zip"):
+            zf.write(tmp_path / "stage" / inner, f"Potsdam/{inner}")
+    (tmp_path / "raw").mkdir()
+    shutil.move(tmp_path / "Potsdam.zip", tmp_path / "raw" / "Potsdam.zip")
+    m = read_manifest(_prepare("potsdam", tmp_path / "raw", tmp_path / "out", patch=64))
+    assert m["splits"]["test"] == ["2_13"] and m["splits"]["train"] == ["2_10"]
+    assert m["bands"] == "rgb" and m["band_indexes"] == [1, 2, 3]

@@ -137,11 +137,34 @@ def _index_files(roots: list[Path], skip: list[Path]) -> dict[str, list[Path]]:
     return index
 
 
-def _extract_archives(data_root: Path, work_dir: Path) -> list[Path]:
-    """Extract every zip directly in ``data_root`` into ``work_dir/<zip stem>``."""
-    extracted = []
-    for archive in sorted(data_root.glob("*.zip")):
-        extracted.append(safe_extract_zip(archive, work_dir / archive.stem))
+def _zips_below(root: Path, skip: list[Path]) -> list[Path]:
+    skip_resolved = {p.resolve() for p in skip}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and (here / d).resolve() not in skip_resolved
+        )
+        found += [here / f for f in sorted(filenames) if f.lower().endswith(".zip")]
+    return found
+
+
+def _extract_archives(data_root: Path, work_dir: Path, max_depth: int = 3) -> list[Path]:
+    """Extract every zip below ``data_root`` into ``work_dir/<relative path>/<zip stem>``.
+
+    Archives inside archives are extracted too (the ISPRS downloads, e.g. ``Potsdam.zip``, hold
+    the official ``4_Ortho_RGBIR.zip`` / ``5_Labels_all.zip``), down to ``max_depth`` levels.
+    """
+    extracted: list[Path] = []
+    pending = [(data_root, work_dir, 0)]
+    while pending:
+        root, target, depth = pending.pop(0)
+        for archive in _zips_below(root, skip=[work_dir]):
+            rel = archive.relative_to(root).with_suffix("")
+            folder = safe_extract_zip(archive, target / rel)
+            extracted.append(folder)
+            if depth + 1 < max_depth:
+                pending.append((folder, folder / ".inner", depth + 1))
     return extracted
 
 
