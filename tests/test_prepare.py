@@ -105,11 +105,12 @@ def test_an_odd_label_colour_is_warned_about_not_made_class_zero(tmp_path):
 def test_zip_members_escaping_the_target_are_refused(tmp_path):
     archive = tmp_path / "ISPRS_semantic_labeling_Vaihingen.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        zf.writestr("top/ok.txt", "fine")
-        zf.writestr("../../evil.txt", "escaped")
+        zf.writestr("top/top_mosaic_09cm_area1.tif", "fine")
+        zf.writestr("../../top_mosaic_09cm_area1.tif", "escaped")
     with pytest.raises(DataError, match="outside"):
         safe_extract_zip(archive, tmp_path / "x" / "y")
-    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "x" / "y" / "top" / "ok.txt").exists()
+    assert not (tmp_path / "top_mosaic_09cm_area1.tif").exists()
+    assert not (tmp_path / "x" / "y" / "top").exists()  # nothing extracted at all
     with pytest.raises(DataError, match="outside"):
         prepare_dataset("vaihingen", tmp_path, tmp_path / "out", progress=False)
 
@@ -240,3 +241,15 @@ def test_archives_inside_a_download_archive_are_found(tmp_path):
     m = read_manifest(_prepare("potsdam", tmp_path / "raw", tmp_path / "out", patch=64))
     assert m["splits"]["test"] == ["2_13"] and m["splits"]["train"] == ["2_10"]
     assert m["bands"] == "rgb" and m["band_indexes"] == [1, 2, 3]
+
+
+def test_only_dataset_members_are_extracted(tmp_path):
+    make_vaihingen(tmp_path / "raw", areas=(1, 2), size=(32, 32), zipped=True)
+    with zipfile.ZipFile(tmp_path / "raw" / "ISPRS_semantic_labeling_Vaihingen.zip", "a") as zf:
+        zf.writestr("dsm/dsm_09cm_matching_area1.tif", "not needed")
+    with zipfile.ZipFile(tmp_path / "raw" / "unrelated.zip", "w") as zf:
+        zf.writestr("notes.txt", "nothing for us")
+    out = _prepare("vaihingen", tmp_path / "raw", tmp_path / "out", patch=32)
+    extracted = {p.name for p in (out / ".extracted").rglob("*") if p.is_file()}
+    assert "top_mosaic_09cm_area1.tif" in extracted
+    assert "dsm_09cm_matching_area1.tif" not in extracted and "notes.txt" not in extracted

@@ -36,6 +36,12 @@ def prepare(dataset, data_root, out, patch, stride, test_stride, bands, val_frac
     from rsseg.data.specs import get_spec
 
     root = data_root or default_data_root(dataset)
+    if data_root is None and not root.is_dir():
+        from rsseg.data.layouts import EXPECTED_FILES
+        from rsseg.errors import DataError
+
+        raise DataError(f"no {dataset} data found: put {EXPECTED_FILES[dataset]} in {root} "
+                        "(or set RSSEG_DATA to the folder above it, or pass --data-root)")
     band_key = bands or get_spec(dataset).default_bands
     out = out or root / prepared_folder_name(band_key, patch)
     path = prepare_dataset(dataset, root, out, patch=patch, stride=stride, test_stride=test_stride,

@@ -28,6 +28,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from rsseg.data.specs import get_spec
 from rsseg.errors import DataError
@@ -75,8 +76,9 @@ def _is_symlink_member(info: zipfile.ZipInfo) -> bool:
     return stat.S_ISLNK(info.external_attr >> 16)
 
 
-def safe_extract_zip(archive: Path, target: Path) -> Path:
-    """Extract ``archive`` into ``target``; refuses members that would land outside ``target``.
+def safe_extract_zip(archive: Path, target: Path, keep: Callable[[str], bool] | None = None) -> Path:
+    """Extract ``archive`` (only members for which ``keep(name)`` holds, if given) into
+    ``target``; refuses the archive if any member would land outside ``target``.
 
     Re-extraction is skipped when the archive's size and modification time are unchanged.
     """
@@ -115,7 +117,8 @@ def safe_extract_zip(archive: Path, target: Path) -> Path:
                 )
         target.mkdir(parents=True, exist_ok=True)
         for info in members:
-            zf.extract(info, root)
+            if keep is None or keep(info.filename):
+                zf.extract(info, root)
     marker.write_text(json.dumps(stamp))
     return target
 
@@ -137,6 +140,25 @@ def _index_files(roots: list[Path], skip: list[Path]) -> dict[str, list[Path]]:
     return index
 
 
+# Members worth extracting, per dataset (plus archives inside archives); everything else in a
+# download (DSMs, other products) stays in the zip.
+_MEMBER_PATTERNS = {
+    "vaihingen": r"top_mosaic_09cm_area\d+(_noBoundary)?\.tif$",
+    "potsdam": r"top_potsdam_\d+_\d+_(RGBIR|RGB|IRRG|label|label_noBoundary)\.tif$",
+    "loveda": r"(Train|Val)/(Urban|Rural)/(images_png|masks_png)/[^/]+\.png$",
+}
+_MEMBER_PATTERNS["synthetic"] = _MEMBER_PATTERNS["vaihingen"]
+
+
+def _member_filter(dataset: str) -> Callable[[str], bool]:
+    pattern = re.compile(_MEMBER_PATTERNS[dataset], re.IGNORECASE)
+
+    def keep(name: str) -> bool:
+        return name.lower().endswith(".zip") or pattern.search(name) is not None
+
+    return keep
+
+
 def _zips_below(root: Path, skip: list[Path]) -> list[Path]:
     skip_resolved = {p.resolve() for p in skip}
     found = []
@@ -149,19 +171,30 @@ def _zips_below(root: Path, skip: list[Path]) -> list[Path]:
     return found
 
 
-def _extract_archives(data_root: Path, work_dir: Path, max_depth: int = 3) -> list[Path]:
+def _has_relevant_members(archive: Path, keep: Callable[[str], bool]) -> bool:
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            return any(keep(name) for name in zf.namelist())
+    except zipfile.BadZipFile as exc:
+        raise DataError(f"{archive}: not a readable zip archive ({exc})") from exc
+
+
+def _extract_archives(data_root: Path, work_dir: Path, dataset: str, max_depth: int = 3) -> list[Path]:
     """Extract every zip below ``data_root`` into ``work_dir/<relative path>/<zip stem>``.
 
     Archives inside archives are extracted too (the ISPRS downloads, e.g. ``Potsdam.zip``, hold
     the official ``4_Ortho_RGBIR.zip`` / ``5_Labels_all.zip``), down to ``max_depth`` levels.
     """
+    keep = _member_filter(dataset)
     extracted: list[Path] = []
     pending = [(data_root, work_dir, 0)]
     while pending:
         root, target, depth = pending.pop(0)
         for archive in _zips_below(root, skip=[work_dir]):
             rel = archive.relative_to(root).with_suffix("")
-            folder = safe_extract_zip(archive, target / rel)
+            if not _has_relevant_members(archive, keep):
+                continue
+            folder = safe_extract_zip(archive, target / rel, keep)
             extracted.append(folder)
             if depth + 1 < max_depth:
                 pending.append((folder, folder / ".inner", depth + 1))
@@ -302,7 +335,7 @@ def find_source_tiles(
     if not root.is_dir():
         raise DataError(f"data root {root} does not exist; put {EXPECTED_FILES[dataset]} there")
     work = Path(work_dir)
-    extracted = _extract_archives(root, work / ".extracted")
+    extracted = _extract_archives(root, work / ".extracted", dataset)
     index = _index_files([root, *extracted], skip=[work])
     if dataset in ("vaihingen", "synthetic"):
         tiles, missing = _find_vaihingen(index, dataset)

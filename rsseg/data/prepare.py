@@ -294,6 +294,10 @@ def prepare_dataset(
     if not 0 <= val_fraction < 1:
         raise UsageError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out = Path(out_dir).expanduser()
+    if not Path(data_root).expanduser().is_dir():
+        from rsseg.data.layouts import EXPECTED_FILES
+
+        raise DataError(f"data root {data_root} does not exist; put {EXPECTED_FILES[dataset]} there")
     out.mkdir(parents=True, exist_ok=True)
 
     tiles = find_source_tiles(dataset, data_root, out, bands)
