@@ -238,6 +238,8 @@ _ROOFS = np.array(
     ],
     float,
 )
+# Clay tiles dominate, as in Vaihingen; grey, dark and light roofs are rarer.
+_ROOF_WEIGHTS = (0.3, 0.2, 0.12, 0.1, 0.08, 0.12, 0.08)
 _CARS = np.array(
     [
         [232, 232, 230],
@@ -337,7 +339,8 @@ class _BlockBuilder:
 
     def building(self, cu, cv, hu, hv, ang, height_m, flat: bool, color=None):
         w = self.world
-        color = _ROOFS[self.rng.integers(len(_ROOFS))] if color is None else color
+        if color is None:
+            color = _ROOFS[self.rng.choice(len(_ROOFS), p=_ROOF_WEIGHTS)]
         color = color * self.rng.uniform(0.9, 1.1)
         corners, centre, px_ang = _rect(w, cu, cv, hu, hv, ang)
         # Gable ridge along the longer side.
@@ -812,13 +815,16 @@ def _draw(cv: _Canvas, obj: _Obj, label, img, shade) -> None:
             # Tile rows as a triangle wave: plain arithmetic, so every window rounds alike
             # (vectorised sin may differ in the last bit between array lengths).
             phase = across / max(stripe * 1.2, 2.5)
-            stripes = (1.0 + 0.1 * (np.abs(phase - np.floor(phase) - 0.5) - 0.25)).astype(
+            stripes = (1.0 + 0.3 * (np.abs(phase - np.floor(phase) - 0.5) - 0.25)).astype(
                 np.float32
             )
             f = lit * stripes * (1.0 + 0.03 * cv.fine(0, sl))
             f = np.where(np.abs(across) < 0.5 * rim, np.float32(1.12), f)  # ridge cap
-        else:  # flat: gravel grain and a bright parapet rim
+        else:  # flat: gravel grain, a grid of skylights / vents and a bright parapet rim
             f = 1.0 + 0.05 * cv.noise(16, 0.5, sl) + 0.04 * cv.noise(13, 1.5, sl)
+            pa, pc = along / w.m(4.5), across / w.m(4.5)
+            fixture = (pa - np.floor(pa) < 0.27) & (pc - np.floor(pc) < 0.27)
+            f = np.where(fixture, np.float32(1.35), f)
             edge = (np.abs(along) > half_along - rim) | (np.abs(across) > half_across - rim)
             f = np.where(edge, np.float32(1.18), f)
         color = base * f[None]
