@@ -6,8 +6,9 @@ a park or a yard. The six ISPRS classes come out as:
 
 - impervious surface: asphalt streets with sidewalks and dashed markings, driveways, terraces,
   parking lots and footpaths;
-- building: gabled roofs (sun-lit and shaded halves, tile stripes) and flat roofs with a rim,
-  in varied tones, casting shadows that darken whatever lies below (shadow is not a class);
+- building: gabled roofs (sun-lit and shaded halves, tile rows, ridge cap) and flat roofs
+  (gravel, skylight grid, parapet rim), mostly clay-tile tones but also grey, dark and light,
+  casting shadows that darken whatever lies below (shadow is not a class);
 - low vegetation: the ground everywhere else, with patchy colour and fine grass texture;
 - tree: clusters of round, shaded, strongly textured crowns, also casting shadows;
 - car: small oriented rectangles with dark windscreens, on streets, driveways and lots;
@@ -22,6 +23,9 @@ seed: object layouts come from a ``numpy`` Generator seeded with (seed, block ro
 and pixel noise from an integer hash of (seed, row, column). Rendering any window of the plane
 therefore gives exactly the pixels the same window has inside any larger rendering, which is what
 lets :func:`write_scene` stream huge scenes window by window with flat memory.
+
+Each tile, area and scene is its own village (:func:`area_seed`, :func:`scene_seed`), so a
+scene never repeats the training areas. Labels follow ``rsseg.data.specs.ISPRS_CLASSES``.
 
 Writers: :func:`write_vaihingen_layout` (the official archive layout, zipped or extracted) and
 :func:`write_scene` (one large tiled GeoTIFF, optional nodata border, uint8/uint16/float32, with
