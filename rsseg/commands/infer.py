@@ -64,14 +64,15 @@ def predict(scenes, out, bundle, tile, overlap, batch_size, tta, device, raster,
 @click.option("--min-area", default=0.0, show_default=True, help="Drop polygons smaller than this (m²).")
 @click.option("--simplify", default=None, type=float,
               help="Simplification tolerance in map units (default: one pixel; 0: none).")
-@click.option("--block-rows", default=1024, show_default=True, help="Rows polygonized at a time.")
+@click.option("--block-rows", default=None, type=int,
+              help="Rows polygonized at a time (default: about 32 million pixels per block).")
 @click.option("--overwrite", is_flag=True, help="Replace the output if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def vectorize(raster, out, classes_file, min_area, simplify, block_rows, overwrite, quiet) -> None:
     """Turn a uint8 class raster (255 = nodata) into polygons per class with a QGIS style."""
     from rsseg.inference.vectorize import read_classes_file, vectorize_to_file
 
-    if block_rows < 1:
+    if block_rows is not None and block_rows < 1:
         raise UsageError(f"--block-rows must be at least 1, got {block_rows}")
     info = read_classes_file(classes_file) if classes_file is not None else None
     files, n = vectorize_to_file(raster, out, classes=info, simplify=simplify, min_area=min_area,

@@ -34,7 +34,6 @@ import rasterio.features
 import shapely
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from scipy import ndimage
-from shapely.geometry import shape
 from tqdm.auto import tqdm
 
 from rsseg.errors import DataError, OutputError, UsageError
@@ -97,10 +96,39 @@ def _label_strip(classes: np.ndarray, first_label: int) -> tuple[np.ndarray, dic
     return labels, label_class
 
 
+def records_to_polygons(records: list[tuple[dict, float]]) -> tuple[np.ndarray, list[int]]:
+    """GeoJSON-like ``(geometry, value)`` pairs from ``rasterio.features.shapes`` -> shapely
+    polygons, built in one vectorized call (``shapely.geometry.shape`` per polygon spends most of
+    its time creating coordinate objects one by one)."""
+    if not records:
+        return np.empty(0, dtype=object), []
+    coords: list = []
+    ring_sizes: list[int] = []
+    rings_per_polygon: list[int] = []
+    for geom, _ in records:
+        rings = geom["coordinates"]
+        rings_per_polygon.append(len(rings))
+        for ring in rings:
+            coords.extend(ring)
+            ring_sizes.append(len(ring))
+    xy = np.asarray(coords, dtype=np.float64)
+    rings = shapely.linearrings(xy, indices=np.repeat(np.arange(len(ring_sizes)), ring_sizes))
+    polygons = shapely.polygons(rings, indices=np.repeat(np.arange(len(rings_per_polygon)), rings_per_polygon))
+    return polygons, [int(v) for _, v in records]
+
+
+def auto_block_rows(width: int, pixels: int = 1 << 25) -> int:
+    """Rows per block for about ``pixels`` pixels (32 Mpx: 128 MB of int32 labels), at least 256."""
+    return max(256, pixels // max(width, 1))
+
+
 def polygonize_pixels(
-    path: Path, block_rows: int = 1024, progress: bool = False
+    path: Path, block_rows: int | None = None, progress: bool = False
 ) -> tuple[list[shapely.Polygon], list[int]]:
-    """Polygons (in pixel coordinates: x = column, y = row) and their class ids, blockwise."""
+    """Polygons (in pixel coordinates: x = column, y = row) and their class ids, blockwise.
+
+    ``block_rows`` None picks blocks of about 32 Mpx (see :func:`auto_block_rows`).
+    """
     pieces: dict[int, shapely.Polygon] = {}
     label_class: dict[int, int] = {}
     uf = _UnionFind()
@@ -109,6 +137,7 @@ def polygonize_pixels(
     prev_bottom_classes: np.ndarray | None = None
     with _open_class_raster(path) as ds:
         height, width = ds.height, ds.width
+        block_rows = block_rows or auto_block_rows(width)
         starts = range(0, height, block_rows)
         for top in tqdm(starts, desc=f"vectorize {Path(path).name}", unit="block",
                         disable=not progress, leave=False):
@@ -118,9 +147,10 @@ def polygonize_pixels(
             next_label += len(lc)
             label_class.update(lc)
             shift = rasterio.Affine.translation(0, top)
-            for geom, value in rasterio.features.shapes(labels, mask=labels > 0, connectivity=4,
-                                                        transform=shift):
-                pieces[int(value)] = shape(geom)
+            records = list(rasterio.features.shapes(labels, mask=labels > 0, connectivity=4,
+                                                    transform=shift))
+            for geom, value in zip(*records_to_polygons(records)):
+                pieces[value] = geom
             if prev_bottom_labels is not None:
                 above, below = prev_bottom_labels, labels[0]
                 same = (above > 0) & (below > 0) & (prev_bottom_classes == classes[0])
@@ -148,8 +178,9 @@ def polygonize_whole(path: Path) -> tuple[list[shapely.Polygon], list[int]]:
     """Reference: whole-raster ``rasterio.features.shapes`` in pixel coordinates."""
     with _open_class_raster(path) as ds:
         classes = ds.read(1)
-    out = [(shape(g), int(v)) for g, v in rasterio.features.shapes(classes, mask=classes != NODATA_CLASS)]
-    return [g for g, _ in out], [v for _, v in out]
+    records = list(rasterio.features.shapes(classes, mask=classes != NODATA_CLASS))
+    polygons, values = records_to_polygons(records)
+    return list(polygons), values
 
 
 def _open_class_raster(path: Path) -> rasterio.DatasetReader:
@@ -197,7 +228,7 @@ def vectorize_raster(
     classes: ClassInfo | None = None,
     simplify: float | None = None,
     min_area: float = 0.0,
-    block_rows: int = 1024,
+    block_rows: int | None = None,
     progress: bool = False,
 ) -> gpd.GeoDataFrame:
     """Polygons of a uint8 class raster with class_id, class_name, area_m2, in the raster's CRS.
@@ -429,7 +460,7 @@ def vectorize_to_file(
     min_area: float = 0.0,
     overwrite: bool = False,
     progress: bool = False,
-    block_rows: int = 1024,
+    block_rows: int | None = None,
 ) -> tuple[list[Path], int]:
     """``rsseg vectorize``: class raster -> styled vector file. Returns (files, polygon count)."""
     check_vector_output(out, overwrite)

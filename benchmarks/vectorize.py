@@ -1,0 +1,78 @@
+"""Benchmark: blockwise polygonize + merge over whole-raster ``rasterio.features.shapes``.
+
+    python benchmarks/vectorize.py [--size 8192] [--block-rows 1024]
+
+Both sides produce polygons in pixel coordinates from the same class raster (a land-cover-like
+map of smooth regions written block by block); the ratio is blockwise time / whole time,
+measured in the same run (target: at most 1.5), and the polygon sets are checked to be equal
+(``shapely.equals`` after sorting by class, area and centroid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import shapely
+from scipy import ndimage
+
+from rsseg.inference.vectorize import polygonize_pixels, polygonize_whole
+
+
+def write_class_raster(path: Path, size: int, classes: int = 6, block: int = 2048) -> Path:
+    """Smooth random regions (blurred noise, thresholded) like a land-cover map, block by block.
+
+    Each block is blurred with a margin so that regions continue across block edges.
+    """
+    profile = dict(driver="GTiff", height=size, width=size, count=1, dtype="uint8", nodata=255,
+                   tiled=True, blockxsize=512, blockysize=512, compress="deflate",
+                   crs="EPSG:32632", transform=rasterio.Affine(0.5, 0, 500000, 0, -0.5, 5400000))
+    rng = np.random.default_rng(0)
+    noise = rng.random((size // 16 + 2, size // 16 + 2)).astype(np.float32)
+    with rasterio.open(path, "w", **profile) as dst:
+        for r in range(0, size, block):
+            for c in range(0, size, block):
+                h, w = min(block, size - r), min(block, size - c)
+                coarse = noise[r // 16 : (r + h) // 16 + 2, c // 16 : (c + w) // 16 + 2]
+                fine = ndimage.zoom(coarse, 16, order=1)[:h, :w]
+                values = (fine * classes * 1.999).astype(np.uint8) % classes
+                dst.write(values, 1, window=rasterio.windows.Window(c, r, w, h))
+    return path
+
+
+def _sorted(geoms, ids):
+    order = sorted(range(len(geoms)), key=lambda i: (ids[i], round(geoms[i].area, 6),
+                                                      round(geoms[i].centroid.x, 6), round(geoms[i].centroid.y, 6)))
+    return [ids[i] for i in order], np.array([geoms[i] for i in order], dtype=object)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=8192)
+    parser.add_argument("--block-rows", type=int, default=1024)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_class_raster(Path(tmp) / "classes.tif", args.size)
+        t0 = time.perf_counter()
+        whole_geoms, whole_ids = polygonize_whole(path)
+        whole = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        block_geoms, block_ids = polygonize_pixels(path, block_rows=args.block_rows)
+        blockwise = time.perf_counter() - t0
+    ids_w, g_w = _sorted(whole_geoms, whole_ids)
+    ids_b, g_b = _sorted(block_geoms, block_ids)
+    identical = len(g_w) == len(g_b) and ids_w == ids_b and bool(shapely.equals(g_w, g_b).all())
+    print(json.dumps({
+        "benchmark": "vectorize", "size": args.size, "block_rows": args.block_rows,
+        "polygons": len(whole_geoms), "whole_s": round(whole, 2), "blockwise_s": round(blockwise, 2),
+        "ratio": round(blockwise / whole, 3), "target": 1.5, "identical": identical,
+    }))
+
+
+if __name__ == "__main__":
+    main()
