@@ -28,6 +28,8 @@ from rsseg.errors import BundleError, RssegError
 FORMAT_NAME = "rsseg-bundle"
 FORMAT_VERSION = 1
 _METADATA_KEY = "rsseg"
+# Model options that name a source of initial weights (a local file or a hub name).
+WEIGHT_SOURCE_KEYS = frozenset({"pretrained", "encoder_weights"})
 
 
 @dataclass
@@ -153,6 +155,11 @@ def save_bundle(path: str | os.PathLike[str], model: nn.Module, meta: BundleMeta
     from rsseg import __version__
 
     meta.validate()
+    # Keys that only say where initial weights come from: the bundle holds the trained weights,
+    # and keeping them would make load_bundle look for that file (or the network) again.
+    meta.model_config = {
+        k: v for k, v in meta.model_config.items() if k not in WEIGHT_SOURCE_KEYS
+    }
     if not meta.rsseg_version:
         meta.rsseg_version = __version__
     # clone() breaks storage sharing (tied weights), which safetensors refuses to save.

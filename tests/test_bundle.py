@@ -211,3 +211,15 @@ def test_weights_file_is_never_unpickled(saved) -> None:
     header_len = int.from_bytes(saved[0].read_bytes()[:8], "little")
     header = json.loads(saved[0].read_bytes()[8 : 8 + header_len])
     assert "rsseg" in header["__metadata__"]
+
+
+def test_weight_source_options_are_not_kept(tmp_path, saved) -> None:
+    # The bundle holds the trained weights; a pretrained-file path in the config would make
+    # loading look for that file again (or try the network for "imagenet").
+    path = save_bundle(
+        tmp_path / "w.safetensors",
+        saved[1],
+        _meta(model_config={"encoder_weights": "imagenet", "pretrained": "/gone/r18.pth"}),
+    )
+    assert read_bundle_meta(path).model_config == {}
+    load_bundle(path)
