@@ -31,7 +31,6 @@ TESTS_DIR = Path(__file__).parent
 
 # A tiny fully convolutional net (no normalisation layers) learns the fake data's colour-coded
 # classes in a few dozen steps on a CPU, which a ResNet U-Net does not.
-@register_model("test-tiny-fcn", paper="test fixture", description="3-layer FCN for tests")
 def tiny_fcn(num_classes: int, in_channels: int, width: int = 16) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
@@ -57,7 +56,23 @@ class _NaNAfter(nn.Module):
         return loss * float("nan") if self.calls > 3 else loss
 
 
-register_model("test-nan-after-3", paper="test fixture")(_NaNAfter)
+TEST_MODELS = {"test-tiny-fcn": tiny_fcn, "test-nan-after-3": _NaNAfter}
+
+
+def register_test_models() -> None:
+    for name, builder in TEST_MODELS.items():
+        register_model(name, paper="test fixture")(builder)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _test_models():
+    """Registered only while this module runs, so other modules' list_models() never sees them."""
+    from rsseg.models import registry
+
+    register_test_models()
+    yield
+    for name in TEST_MODELS:
+        registry._REGISTRY.pop(name, None)
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +231,8 @@ DDP_SCRIPT = """
 import os, sys, warnings
 warnings.simplefilter("ignore")
 sys.path.insert(0, {tests!r})
-import test_train  # registers test-tiny-fcn in every process
+import test_train
+test_train.register_test_models()  # in every DDP process
 from rsseg.config import AugmentConfig, TrainConfig
 from rsseg.train.fit import train
 cfg = TrainConfig(dataset="vaihingen", data_dir={data!r}, patch_size=64, crop_size=64,
