@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -349,10 +350,15 @@ def test_torchrun_two_processes_match_one(tmp_path):
     script.write_text(_RANK_SCRIPT.format(tests=str(Path(__file__).parent), scene=str(scene),
                                           out=str(tmp_path / "two.tif"), conf=str(tmp_path / "two_p.tif")))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", str(script)], capture_output=True, text=True, env=env,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node", "2", str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+        raise
+    assert proc.returncode == 0, stderr[-2000:]
     np.testing.assert_array_equal(read(tmp_path / "two.tif"), read(tmp_path / "one.tif"))
     np.testing.assert_array_equal(read(tmp_path / "two_p.tif"), read(tmp_path / "one_p.tif"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -246,20 +246,21 @@ def _resize_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:
     return F.interpolate(t, size=(h, w), mode="nearest")[0, 0].numpy() > 0.5
 
 
-def _pad_size(n: int, tile: int, multiple: int) -> int:
-    n = max(n, tile)
+def _pad_size(n: int, multiple: int) -> int:
+    """Windows are padded (with zeros, the band means) up to a multiple of ``multiple``; a scene
+    smaller than a tile is therefore run at about its own size, not blown up to a whole tile."""
     return int(math.ceil(n / multiple) * multiple)
 
 
-def _batches(reader: _SceneReader, lines: list[list[Window]], options: PredictOptions, tile_model: int,
+def _batches(reader: _SceneReader, lines: list[list[Window]], options: PredictOptions,
              skipped: list[Window]) -> Iterator[_Batch | list[Window]]:
     """Yields batches of one window row; a row's windows never share a batch with the next row's."""
     for line in lines:
         pending: list[tuple[Window, np.ndarray, np.ndarray, tuple[int, int]]] = []
 
         def flush() -> _Batch:
-            ph = _pad_size(max(p[3][0] for p in pending), tile_model, options.pad_multiple)
-            pw = _pad_size(max(p[3][1] for p in pending), tile_model, options.pad_multiple)
+            ph = _pad_size(max(p[3][0] for p in pending), options.pad_multiple)
+            pw = _pad_size(max(p[3][1] for p in pending), options.pad_multiple)
             x = np.zeros((len(pending), pending[0][1].shape[0], ph, pw), dtype=np.float32)
             for i, (_, data, _, (mh, mw)) in enumerate(pending):
                 x[i, :, :mh, :mw] = data
@@ -485,7 +486,6 @@ def _predict_rows(scene, model, spec, options, scale, grid, lines, rows, height,
     if not lines or y1 <= y0:
         return 0, []
     device = torch.device(options.device)
-    tile_model = round(tile_s * scale) if scale != 1.0 else options.tile
     reader = _SceneReader(scene, spec, scale, options)
     skipped: list[Window] = []
     row_sum, col_sum = weight_sums(grid, height, width, tile_s, overlap_s)
@@ -511,7 +511,7 @@ def _predict_rows(scene, model, spec, options, scale, grid, lines, rows, height,
     try:
         line_index = 0
         with torch.inference_mode():
-            for item in _threaded(_batches(reader, lines, options, tile_model, skipped)):
+            for item in _threaded(_batches(reader, lines, options, skipped)):
                 if isinstance(item, list):  # a window row is complete
                     line_index += 1
                     bar.update(len(item))
