@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from rsseg.errors import UsageError
 from rsseg.models import count_parameters, create_model, parameter_count
 from rsseg.models.reload_mamba import (
+    ReloadLevel,
     boundary_mask,
     boundary_weighted_cross_entropy,
     lovasz_softmax,
@@ -158,6 +159,31 @@ def test_aux_loss_uses_nearest_downsampled_labels() -> None:
 
 
 # ---------------------------------------------------------------------------- the network
+
+
+def test_reload_gate_is_bounded_by_max_reload_and_the_prior() -> None:
+    """F_r = F_ctx + R (F - F_ctx) with R = max_reload * G * P (Eqs. 18-19): with max_reload = 0 the
+    gate cannot matter; with a prior of zero neither; otherwise it does."""
+    torch.manual_seed(7)
+    x = torch.randn(1, 8, 6, 5)
+
+    def restored_before_and_after_gate_change(level: ReloadLevel) -> tuple[torch.Tensor, ...]:
+        level.eval()
+        with torch.no_grad():
+            before = level(x)[0]
+            level.gate[-1].bias.add_(3.0)  # opens the gate everywhere
+            after = level(x)[0]
+        return before, after
+
+    closed = ReloadLevel(8, 8, num_classes=3, max_reload=0.0)
+    assert torch.equal(*restored_before_and_after_gate_change(closed))
+    no_prior = ReloadLevel(8, 8, num_classes=3, max_reload=0.7)
+    with torch.no_grad():
+        no_prior.prior[-1].bias.fill_(-1e4)  # P = sigmoid(-1e4) = 0
+    assert torch.equal(*restored_before_and_after_gate_change(no_prior))
+    open_level = ReloadLevel(8, 8, num_classes=3, max_reload=0.7)
+    before, after = restored_before_and_after_gate_change(open_level)
+    assert not torch.allclose(before, after)
 
 
 @pytest.fixture(scope="module")
