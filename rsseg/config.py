@@ -74,6 +74,7 @@ class TrainConfig:
     dice_smooth: float = 0.05
     aux_weight: float = 0.4
     grad_clip: float | None = None
+    accumulate_grad_batches: int = 1  # effective batch = batch_size x this x devices
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # --- hardware
     workers: int | None = None  # None: min(4, CPU count)

@@ -206,6 +206,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             limit_val_batches=cfg.limit_val_batches,
             num_sanity_val_steps=0,
             gradient_clip_val=cfg.grad_clip,
+            accumulate_grad_batches=cfg.accumulate_grad_batches,
         )
         if trainer.is_global_zero:
             (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
