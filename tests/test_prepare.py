@@ -121,7 +121,7 @@ def test_missing_or_incomplete_layouts_say_which_file_was_expected_where(tmp_pat
         prepare_dataset("vaihingen", tmp_path / "empty", tmp_path / "out", progress=False)
     make_vaihingen(tmp_path / "raw", areas=(1, 2), size=(32, 32), eroded=False)
     (tmp_path / "raw" / "top_mosaic_09cm_area1.tif").unlink()
-    with pytest.raises(DataError, match=r"missing label top_mosaic_09cm_area1\.tif \(outside top/\) for .*top/top_mosaic_09cm_area1\.tif"):
+    with pytest.raises(DataError, match=r"missing label top_mosaic_09cm_area1\.tif \(outside top/, from .*_ground_truth_COMPLETE\.zip\) for .*top/top_mosaic_09cm_area1\.tif"):
         prepare_dataset("vaihingen", tmp_path / "raw", tmp_path / "out", progress=False)
 
 

@@ -237,7 +237,10 @@ def _find_vaihingen(index: dict[str, list[Path]], dataset: str) -> tuple[list[So
         # The test split is scored on eroded labels (GeoSeg); training uses full labels.
         label = (eroded or full) if split == "test" else (full or eroded)
         if label is None:
-            missing.append(f"label top_mosaic_09cm_area{tile}.tif (outside top/) for {image}")
+            missing.append(
+                f"label top_mosaic_09cm_area{tile}.tif (outside top/, from "
+                f"ISPRS_semantic_labeling_Vaihingen_ground_truth_COMPLETE.zip) for {image}"
+            )
             continue
         if split == "test" and eroded is None:
             fallback_eroded.append(tile)
@@ -278,7 +281,7 @@ def _find_potsdam(index: dict[str, list[Path]], bands: str) -> tuple[list[Source
         eroded = _first(index.get(f"top_potsdam_{tile}_label_noBoundary.tif"))
         label = (eroded or full) if split == "test" else (full or eroded)
         if label is None:
-            missing.append(f"label top_potsdam_{tile}_label.tif for {image}")
+            missing.append(f"label top_potsdam_{tile}_label.tif (from 5_Labels_all.zip) for {image}")
             continue
         if split == "test" and eroded is None:
             fallback_eroded.append(tile)
