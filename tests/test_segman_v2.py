@@ -36,7 +36,7 @@ def _toy_mass(seed: int = 0) -> MASS:
     return mass
 
 
-def test_identity_maps_reduce_a2ssm_to_the_scan_and_real_maps_change_it():
+def test_identity_maps_reduce_a2ssm_to_the_scan_and_real_maps_change_it(monkeypatch):
     mass = _toy_mass()
     h, w = 9, 10
     x = torch.randn(1, 8, h, w, dtype=torch.float64)
@@ -60,12 +60,9 @@ def test_identity_maps_reduce_a2ssm_to_the_scan_and_real_maps_change_it():
     def identity_maps(attn, v, kernel, dilation):
         return original(eye[tuple(dilation)].expand_as(attn), v, kernel, dilation)
 
-    a2m.neighbourhood_aggregate = identity_maps
-    try:
-        _, reaggregate_eye = mass.attend(x)
-        torch.testing.assert_close(mass.ssm(y, reaggregate_eye), plain)
-    finally:
-        a2m.neighbourhood_aggregate = original
+    monkeypatch.setattr(a2m, "neighbourhood_aggregate", identity_maps)
+    _, reaggregate_eye = mass.attend(x)
+    torch.testing.assert_close(mass.ssm(y, reaggregate_eye), plain)
 
 
 def test_attention_maps_break_the_scan_causality():
@@ -146,9 +143,20 @@ def test_pretrained_backbone_round_trip(tmp_path):
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    source = create_model("segman-v2-n", num_classes=2, in_channels=3)
-    path = tmp_path / "a2mamba_n.safetensors"
+    source = SegMANV2(2, 3, TOY_SIZE, TOY_WIDTHS)
+    path = tmp_path / "a2mamba_toy.safetensors"
     save_file({k: v.contiguous() for k, v in source.backbone.state_dict().items()}, str(path))
-    loaded = create_model("segman-v2-n", num_classes=7, in_channels=3, pretrained=str(path))
+    loaded = SegMANV2(7, 3, TOY_SIZE, TOY_WIDTHS, pretrained=str(path))
     for key, value in source.backbone.state_dict().items():
         torch.testing.assert_close(loaded.backbone.state_dict()[key], value)
+
+
+def test_global_mass_attention_matches_torch_sdpa():
+    # MM-Refine's MASS uses global attention: compare Y with torch's scaled_dot_product_attention.
+    torch.manual_seed(4)
+    mass = MASS(dim=12, num_heads=4, mode="global").double()
+    x = torch.randn(2, 12, 3, 5, dtype=torch.float64)
+    y, _ = mass.attend(x)
+    q, k, v = (t.reshape(2, 4, 3, 15).transpose(-1, -2) for t in mass.qkv(x).chunk(3, dim=1))
+    expected = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(2, 12, 3, 5)
+    torch.testing.assert_close(y, expected)

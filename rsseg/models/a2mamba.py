@@ -249,7 +249,7 @@ class A2Mamba(nn.Module):
             ]
             first += size.depths[i]
             self.stages.append(nn.Sequential(*blocks))
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         features = []
@@ -260,7 +260,7 @@ class A2Mamba(nn.Module):
         return features
 
 
-def _init_weights(module: nn.Module) -> None:
+def init_weights(module: nn.Module) -> None:
     """Truncated-normal (std 0.02) convs/linears with zero bias, as in the authors' code; the dt
     projection keeps Mamba's initialisation."""
     if isinstance(module, (nn.Conv2d, nn.Linear)) and not module.weight.is_meta:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rsseg.errors import DataError
-from rsseg.models.a2mamba import A2MAMBA_SIZES, A2Mamba, A2MambaBlock, A2MambaSize, _init_weights
+from rsseg.models.a2mamba import A2MAMBA_SIZES, A2Mamba, A2MambaBlock, A2MambaSize, init_weights
 from rsseg.models.registry import register_model
 
 PAPER = "A2Mamba / SegMAN-V2 (Lou, Fu, Yu 2025)"
@@ -145,7 +145,7 @@ class SegMANV2(nn.Module):
         super().__init__()
         self.backbone = A2Mamba(size, in_channels, drop_path_rate)
         self.decoder = SegMANV2Decoder(size.dims, widths, num_classes)
-        self.decoder.apply(_init_weights)
+        self.decoder.apply(init_weights)
         if pretrained:
             load_backbone_weights(self.backbone, pretrained)
 
