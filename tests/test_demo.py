@@ -1,0 +1,77 @@
+"""`rsseg demo` end to end, shrunk (--quick): every artefact is written and consistent."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+from PIL import Image
+
+from rsseg.inference.demo import _scene_miou, write_preview
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_qgis_ready_outputs(tmp_path):
+    from rsseg.cli import main
+
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    assert lines[-1].startswith("Open in QGIS:") and "landcover.gpkg" in lines[-1]
+    assert any(line.startswith("mIoU") for line in lines)  # the evaluation table
+    with rasterio.open(out / "scene.tif") as scene, rasterio.open(out / "landcover.tif") as cls:
+        assert cls.crs == scene.crs and cls.transform == scene.transform
+        assert cls.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert ((cls.read(1) == 255) == (scene.dataset_mask() == 0)).all()
+    con = sqlite3.connect(out / "landcover.gpkg")
+    assert con.execute("SELECT f_table_name, useAsDefault FROM layer_styles").fetchall() == [("landcover", 1)]
+    con.close()
+    preview = Image.open(out / "preview.png")
+    assert preview.size == (2 * 200 + 8, 96)
+    # Running it again into the same folder needs --overwrite.
+    r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "-q"])
+    assert r.exit_code != 0 and "--overwrite" in r.output
+
+
+def _write(path, array, colormap=None):
+    profile = dict(driver="GTiff", height=array.shape[-2], width=array.shape[-1],
+                   count=1 if array.ndim == 2 else array.shape[0], dtype="uint8", crs="EPSG:32632",
+                   transform=rasterio.Affine(1, 0, 0, 0, -1, 100))
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(array if array.ndim == 3 else array[None])
+        if colormap:
+            dst.write_colormap(1, colormap)
+    return path
+
+
+def test_scene_miou_matches_a_direct_count(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, (40, 50)).astype(np.uint8)
+    pred = labels.copy()
+    pred[:10] = (pred[:10] + 1) % 3
+    pred[30:, :5] = 255  # nodata in the prediction is left out
+    lab, prd = _write(tmp_path / "l.tif", labels), _write(tmp_path / "p.tif", pred)
+    keep = pred != 255
+    ious = []
+    for c in (0, 1):  # class 2 left out of the mean, as clutter is for ISPRS
+        tp = ((pred == c) & (labels == c) & keep).sum()
+        union = (((pred == c) | (labels == c)) & keep).sum()
+        ious.append(tp / union)
+    assert _scene_miou(prd, lab, 3, (0, 1)) == pytest.approx(np.mean(ious))
+
+
+def test_preview_puts_image_and_class_colours_side_by_side(tmp_path):
+    image = np.zeros((3, 20, 30), np.uint8)
+    image[0] = 200
+    classes = np.zeros((20, 30), np.uint8)
+    classes[:, 15:] = 1
+    scene = _write(tmp_path / "s.tif", image)
+    cls = _write(tmp_path / "c.tif", classes, {0: (0, 0, 255, 255), 1: (255, 255, 0, 255)})
+    png = np.asarray(Image.open(write_preview(scene, cls, tmp_path / "p.png")))
+    assert png.shape == (20, 68, 3)
+    assert (png[:, :30] == [200, 0, 0]).all()
+    assert (png[:, 38:53] == [0, 0, 255]).all() and (png[:, 53:] == [255, 255, 0]).all()
