@@ -59,6 +59,14 @@ def neighbourhood_tables(
     height: int, width: int, kernel: int, dilation: tuple[int, int], device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Row and column tables ``(idx_r, valid_r, bias_r, idx_c, valid_c, bias_c)`` on ``device``."""
+    return _device_tables(height, width, kernel, tuple(dilation), str(device))
+
+
+@lru_cache(maxsize=256)
+def _device_tables(
+    height: int, width: int, kernel: int, dilation: tuple[int, int], device: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # cached per device so that a GPU forward does not copy the tables every call
     rows = _axis_tables(height, kernel, dilation[0])
     cols = _axis_tables(width, kernel, dilation[1])
     return tuple(t.to(device) for t in (*rows, *cols))  # type: ignore[return-value]
