@@ -253,3 +253,19 @@ def test_only_dataset_members_are_extracted(tmp_path):
     extracted = {p.name for p in (out / ".extracted").rglob("*") if p.is_file()}
     assert "top_mosaic_09cm_area1.tif" in extracted
     assert "dsm_09cm_matching_area1.tif" not in extracted and "notes.txt" not in extracted
+
+
+def test_prepare_command_reports_the_splits(tmp_path):
+    from click.testing import CliRunner
+
+    from rsseg.cli import main
+
+    make_vaihingen(tmp_path / "raw", areas=(1, 3, 2), size=(64, 64), zipped=True)
+    res = CliRunner().invoke(main, ["prepare", "--dataset", "vaihingen", "--data-root", str(tmp_path / "raw"),
+                                    "--patch", "32", "--stride", "16"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "raw" / "prepared-irrg-32"
+    assert f"prepared vaihingen (irrg) in {out}: train 1 tiles / 9 patches, val 1 tiles / 4 patches, " \
+           "test 1 tiles / 4 patches" in res.output
+    res = CliRunner().invoke(main, ["prepare", "--dataset", "potsdam", "--data-root", str(tmp_path / "raw")])
+    assert res.exit_code == 1 and res.output.startswith("rsseg: error: no potsdam data under")
