@@ -33,7 +33,7 @@ from rsseg.data.prepare import prepare_dataset  # noqa: E402
 from rsseg.data.specs import get_spec  # noqa: E402
 from rsseg.data.synthetic import write_vaihingen_layout  # noqa: E402
 from rsseg.models.registry import create_model  # noqa: E402
-from rsseg.train.fit import _workers  # noqa: E402
+from rsseg.train.fit import default_workers  # noqa: E402
 from rsseg.config import TrainConfig  # noqa: E402
 from rsseg.train.losses import SegmentationLoss  # noqa: E402
 
@@ -92,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.crop, args.batch = 128, 2
-    workers = args.workers if args.workers is not None else _workers(TrainConfig())
+    workers = args.workers if args.workers is not None else default_workers(TrainConfig())
     tile = max(2 * args.crop, 256)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")

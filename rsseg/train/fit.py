@@ -92,7 +92,8 @@ def _precision(cfg: TrainConfig) -> str:
     return "32-true"
 
 
-def _workers(cfg: TrainConfig) -> int:
+def default_workers(cfg: TrainConfig) -> int:
+    """Data-loader workers: the config's, else min(4, CPU count)."""
     if cfg.workers is not None:
         return cfg.workers
     return min(4, os.cpu_count() or 1)
@@ -155,7 +156,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             dice_smooth=cfg.dice_smooth,
             aux_weight=cfg.aux_weight,
         )
-        workers = _workers(cfg)
+        workers = default_workers(cfg)
         loader_args = dict(num_workers=workers, persistent_workers=workers > 0,
                            pin_memory=torch.cuda.is_available())
         train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True,
