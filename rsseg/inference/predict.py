@@ -253,7 +253,7 @@ def _pad_size(n: int, multiple: int) -> int:
 
 
 def _batches(reader: _SceneReader, lines: list[list[Window]], options: PredictOptions,
-             skipped: list[Window]) -> Iterator[_Batch | list[Window]]:
+             skipped: list[Window], on_read: Any = None) -> Iterator[_Batch | list[Window]]:
     """Yields batches of one window row; a row's windows never share a batch with the next row's."""
     for line in lines:
         pending: list[tuple[Window, np.ndarray, np.ndarray, tuple[int, int]]] = []
@@ -273,6 +273,8 @@ def _batches(reader: _SceneReader, lines: list[list[Window]], options: PredictOp
 
         for w in line:
             data, valid, shape = reader.read(w)
+            if on_read is not None:
+                on_read(1)
             if data is None:
                 skipped.append(w)
                 continue
@@ -486,15 +488,18 @@ def _predict_rows(scene, model, spec, options, scale, grid, lines, rows, height,
     if not lines or y1 <= y0:
         return 0, []
     device = torch.device(options.device)
+    model.eval().to(device)  # batch norm / dropout in inference behaviour, whatever the caller left
     reader = _SceneReader(scene, spec, scale, options)
     skipped: list[Window] = []
     row_sum, col_sum = weight_sums(grid, height, width, tile_s, overlap_s)
     buffer = _RowBuffer(spec.num_classes, lines[0][0].height, width, lines[0][0].row, row_sum, col_sum)
     n_windows = sum(len(line) for line in lines)
-    bar = tqdm(total=n_windows, desc=f"predict {scene.name}", unit="win", disable=not options.progress,
-               leave=False)
+    read_bar = tqdm(total=n_windows, desc=f"read {scene.name}", unit="win", disable=not options.progress,
+                    leave=False, position=0)
+    bar = tqdm(total=n_windows, desc=f"infer {scene.name}", unit="win", disable=not options.progress,
+               leave=False, position=1)
     write_bar = tqdm(total=y1 - y0, desc=f"write {scene.name}", unit="row", disable=not options.progress,
-                     leave=False)
+                     leave=False, position=2)
     writer_pool = ThreadPoolExecutor(max_workers=1)
     pending_writes: list[Future] = []
     run = 0
@@ -511,7 +516,7 @@ def _predict_rows(scene, model, spec, options, scale, grid, lines, rows, height,
     try:
         line_index = 0
         with torch.inference_mode():
-            for item in _threaded(_batches(reader, lines, options, skipped)):
+            for item in _threaded(_batches(reader, lines, options, skipped, read_bar.update)):
                 if isinstance(item, list):  # a window row is complete
                     line_index += 1
                     bar.update(len(item))
@@ -540,6 +545,7 @@ def _predict_rows(scene, model, spec, options, scale, grid, lines, rows, height,
     finally:
         writer_pool.shutdown(wait=True)
         reader.close()
+        read_bar.close()
         bar.close()
         write_bar.close()
     return run, skipped
