@@ -66,10 +66,12 @@ def make_inputs(b, d, n, length, groups, seed, dtype=torch.float32, delta_scale=
     }
 
 
-@pytest.fixture
-def tiny_segments(monkeypatch):
-    """Force many segments and checkpointed groups, so short inputs exercise every code path."""
-    monkeypatch.setattr(scan_module, "SEGMENT_ELEMENTS", 40)
+@pytest.fixture(params=[1, 7], ids=["segment1", "segment7"])
+def tiny_segments(monkeypatch, request):
+    """Force many segments (of 1 or 7 positions) and, for the state sequence, several checkpointed
+    groups, so short inputs exercise every code path."""
+    seg = request.param
+    monkeypatch.setattr(scan_module, "_segment_length", lambda length, states: min(length, seg))
     monkeypatch.setattr(scan_module, "GROUP_ELEMENTS", 150)
 
 
@@ -176,7 +178,9 @@ def test_states_are_the_exact_hidden_sequence(tiny_segments, n):
         torch.testing.assert_close(leaves[name].grad.double(), ref[name].grad, atol=2e-4, rtol=2e-3)
 
 
-def test_gradcheck_float64(tiny_segments):
+def test_gradcheck_float64(monkeypatch):
+    # Segments of 4 positions: a padded last segment and gradients carried across segments.
+    monkeypatch.setattr(scan_module, "_segment_length", lambda length, states: min(length, 4))
     inp = make_inputs(1, 4, 2, 9, 2, seed=23, dtype=torch.float64)
     names = list(inp)
 

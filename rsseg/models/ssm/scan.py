@@ -19,8 +19,9 @@ the sequence into chunks of about sqrt(length), runs the recurrence inside all c
 chunk-final states across chunks (a loop over chunks), then adds each chunk's entering state
 decayed by ``exp(cumsum(delta * A))`` within the chunk. Every ``exp`` is of a number <= 0, so
 nothing overflows, and no step divides by a cumulative decay. Long sequences are cut into
-segments whose working set fits a fixed memory budget; when gradients are needed, each segment
-is checkpointed so backward memory stays proportional to one segment.
+cache-sized segments, each starting from the previous one's final state. Backward is written by
+hand (:class:`_ScanFunction`): it keeps only the inputs and each segment's entering state, and
+recomputes one segment at a time, so its memory does not grow with the autograd graph.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ ENV_VAR = "RSSEG_SCAN_BACKEND"
 # Sizes of the torch scan's work units, in elements of one (batch, channel, state, position)
 # tensor. A segment's tensors (~1 MB each in float32) stay in the CPU cache, which on the
 # project machines makes every elementwise pass several times faster than on tensors spanning the
-# whole sequence. When gradients are needed, consecutive segments are grouped and each group of
-# ~64 MB per tensor is checkpointed, so backward memory stays bounded by one group.
+# whole sequence. For the state sequence (autograd, not the hand-written backward), consecutive
+# segments are grouped and each group of ~64 MB per tensor is checkpointed when gradients are
+# needed, so backward memory stays bounded by one group.
 SEGMENT_ELEMENTS = 1 << 18
+MIN_SEGMENT = 64  # shorter segments would save little cache and cost many Python steps
 GROUP_ELEMENTS = 1 << 24
 
 # mamba-ssm's kernel: which input dtypes and state sizes it accepts (csrc/selective_scan).
@@ -237,117 +240,207 @@ def _torch_scan(
             dt = F.softplus(dt)
         Ac = A.to(cdt)
         Bc = _grouped(B).to(cdt)
-        Cc = None if C is None else _grouped(C).to(cdt)
-
         b, d, length = uc.shape
-        n = Ac.shape[1]
-        seg = _even_split(length, max(1, SEGMENT_ELEMENTS // max(1, b * d * n)))
-        group = _even_split(length, max(seg, (GROUP_ELEMENTS // max(1, b * d * n)) // seg * seg))
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias)
-        )
-        use_checkpoint = needs_grad and group < length
-
-        # torch.split, never slicing: slice backward writes each piece's gradient into a zero
-        # tensor of the whole length, which makes backward quadratic in the number of pieces.
-        pieces: list[Tensor] = []
-        h: Tensor | None = None
-        for u_g, dt_g, B_g, C_g in zip(*_split_all((uc, dt, Bc, Cc), group)):
-            if use_checkpoint:
-                piece, h = checkpoint(_scan_group, u_g, dt_g, Ac, B_g, C_g, h, seg, use_reentrant=False)
-            else:
-                piece, h = _scan_group(u_g, dt_g, Ac, B_g, C_g, h, seg)
-            pieces.append(piece)
-        assert h is not None
-        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+        seg = _segment_length(length, b * d * Ac.shape[1])
 
         if want_states:
-            return out.to(u.dtype), h
+            states, last = _states_autograd(uc, dt, Ac, Bc, seg)
+            return states.to(u.dtype), last
+        assert C is not None
+        out, last = _ScanFunction.apply(uc, dt, Ac, Bc, _grouped(C).to(cdt), seg)
         if D is not None:
             out = out + D.to(cdt)[:, None] * uc
         if z is not None:
             out = out * F.silu(z.to(cdt))
-        return out.to(u.dtype), h
+        return out.to(u.dtype), last
 
 
-def _even_split(length: int, size: int) -> int:
-    """The piece size closest to ``size`` that cuts ``length`` into equal pieces (last one shorter)."""
+def _segment_length(length: int, states_per_position: int) -> int:
+    """Cache-sized segment length (at least MIN_SEGMENT), cutting ``length`` into equal pieces."""
+    size = max(MIN_SEGMENT, SEGMENT_ELEMENTS // max(1, states_per_position))
     size = max(1, min(size, length))
     return math.ceil(length / math.ceil(length / size))
 
 
-def _split_all(tensors: tuple[Tensor | None, ...], size: int) -> list[list[Tensor | None]]:
-    """Each tensor split along its last axis into pieces of ``size`` (None stays None)."""
-    count = math.ceil(tensors[0].shape[-1] / size)  # type: ignore[union-attr]
-    return [[None] * count if t is None else list(torch.split(t, size, dim=-1)) for t in tensors]
+def _split(t: Tensor, size: int) -> tuple[Tensor, ...]:
+    # torch.split, never slicing: a slice's backward writes its gradient into a zero tensor of the
+    # whole length, which would make backward quadratic in the number of segments.
+    return torch.split(t, size, dim=-1)
 
 
-def _scan_group(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor | None, h0: Tensor | None, seg: int
-) -> tuple[Tensor, Tensor]:
-    """Scan consecutive segments of ``seg`` positions, each starting from the last one's state."""
-    pieces = []
-    h = h0
-    for u_s, delta_s, B_s, C_s in zip(*_split_all((u, delta, B, C), seg)):
-        piece, h = _scan_segment(u_s, delta_s, A, B_s, C_s, h)
-        pieces.append(piece)
-    assert h is not None
-    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)), h
+class _Layout:
+    """Position-major layout of one segment: (..., s) -> (T, ..., nc), T * nc >= s.
 
-
-def _scan_segment(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor | None, h0: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """Scan one segment from state ``h0`` (b, d, n) (zero when None).
-
-    ``u, delta`` (b, d, s) with delta final (bias and softplus applied); ``B, C`` (b, g, n, s).
-    Returns (y (b, d, s), or the states (b, d, n, s) when C is None) and the final state.
+    Position ``c * T + t`` of the (zero-padded) segment sits at ``[t, ..., c]``: every step of the
+    loop over ``t`` reads and writes contiguous slices, and one op advances all chunks at once.
     """
-    b, d, s = u.shape
-    g, n = B.shape[1], B.shape[2]
-    dg = d // g
-    chunk = max(1, round(math.sqrt(s)))
-    n_chunks = math.ceil(s / chunk)
-    pad = n_chunks * chunk - s
-    if pad:
-        # delta = 0 past the end: decay 1 and input 0, so the final state is carried unchanged.
-        u, delta, B = (F.pad(t, (0, pad)) for t in (u, delta, B))
-        C = None if C is None else F.pad(C, (0, pad))
 
-    # Layout (chunk position, b, d, n, chunk index): every step of the loop below reads and
-    # writes contiguous slices, and one op advances all chunks at once.
-    def position_major(t: Tensor) -> Tensor:  # (..., n_chunks * chunk) -> (chunk, ..., n_chunks)
-        t = t.reshape(*t.shape[:-1], n_chunks, chunk)
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.chunk = max(1, round(math.sqrt(length)))
+        self.n_chunks = math.ceil(length / self.chunk)
+        self.pad = self.n_chunks * self.chunk - length
+
+    def to_pm(self, t: Tensor) -> Tensor:
+        if self.pad:  # zeros past the end: delta = 0 there, so the state is carried unchanged
+            t = F.pad(t, (0, self.pad))
+        t = t.reshape(*t.shape[:-1], self.n_chunks, self.chunk)
         return t.permute(t.dim() - 1, *range(t.dim() - 2), t.dim() - 2).contiguous()
 
-    delta_p = position_major(delta)  # (T, b, d, nc)
-    du_p = position_major(delta * u)  # (T, b, d, nc)
-    B_p = position_major(B)  # (T, b, g, n, nc)
-    log_decay = delta_p.unsqueeze(3) * A[:, :, None]  # (T, b, d, n, nc), <= 0 for A <= 0
-    decay = torch.exp(log_decay)
-    inp = (du_p.view(chunk, b, g, dg, 1, n_chunks) * B_p.unsqueeze(3)).view(chunk, b, d, n, n_chunks)
+    def from_pm(self, t: Tensor) -> Tensor:
+        t = t.permute(*range(1, t.dim()), 0)  # (..., nc, T)
+        return t.reshape(*t.shape[:-2], self.n_chunks * self.chunk)[..., : self.length]
 
-    # Recurrence inside every chunk at once, each chunk starting from a zero state.
-    decay_t, inp_t = decay.unbind(0), inp.unbind(0)
-    states = [inp_t[0]]
-    for t in range(1, chunk):
-        states.append(torch.addcmul(inp_t[t], decay_t[t], states[-1]))
-    local = torch.stack(states)  # (T, b, d, n, nc)
 
-    # Carry the true state across chunks: entering(c+1) = decay over chunk c * entering(c) + local end.
-    decay_in = torch.exp(torch.cumsum(log_decay, dim=0))  # decay from each chunk's start, <= 1
-    chunk_decay, chunk_end = decay_in[-1].unbind(-1), states[-1].unbind(-1)
+def _chunked_states(log_decay: Tensor, inp: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """All states of ``h_t = exp(log_decay_t) * h_{t-1} + inp_t`` in position-major layout.
+
+    ``log_decay, inp``: (T, b, d, n, nc), ``log_decay <= 0``; ``h0`` (b, d, n) or None (zero).
+    Returns the states (T, b, d, n, nc), the state entering each chunk (b, d, n, nc) and the
+    final state (b, d, n).
+    """
+    # 1. The recurrence inside every chunk at once, each chunk from a zero state.
+    decay_t, inp_t = torch.exp(log_decay).unbind(0), inp.unbind(0)
+    local = [inp_t[0]]
+    for t in range(1, len(inp_t)):
+        local.append(torch.addcmul(inp_t[t], decay_t[t], local[-1]))
+    # 2. Carry true states across chunks: entering(c+1) = decay over chunk c * entering(c) + local end.
+    decay_in = torch.exp(torch.cumsum(log_decay, dim=0))  # from each chunk's start; exponent <= 0
+    chunk_decay, chunk_end = decay_in[-1].unbind(-1), local[-1].unbind(-1)
     h = h0 if h0 is not None else torch.zeros_like(chunk_end[0])
     entering = []
-    for c in range(n_chunks):
+    for c in range(len(chunk_end)):
         entering.append(h)
         h = torch.addcmul(chunk_end[c], chunk_decay[c], h)
-    full = torch.addcmul(local, decay_in, torch.stack(entering, dim=-1))  # (T, b, d, n, nc)
+    entering_t = torch.stack(entering, dim=-1)
+    # 3. Fix-up: add each chunk's entering state, decayed to every position of the chunk.
+    return torch.addcmul(torch.stack(local), decay_in, entering_t), entering_t, h
 
-    if C is None:  # the states themselves: (T, b, d, n, nc) -> (b, d, n, s)
-        states_out = full.permute(1, 2, 3, 4, 0).reshape(b, d, n, n_chunks * chunk)
-        return states_out[..., :s], h
-    C_p = position_major(C)  # (T, b, g, n, nc)
-    y = (full.view(chunk, b, g, dg, n, n_chunks) * C_p.unsqueeze(3)).sum(dim=4)  # (T, b, g, dg, nc)
-    y = y.reshape(chunk, b, d, n_chunks).permute(1, 2, 3, 0).reshape(b, d, n_chunks * chunk)
-    return y[..., :s], h
+
+def _drive(lay: _Layout, du: Tensor, B: Tensor) -> Tensor:
+    """delta * u (b, d, s) times grouped B (b, g, n, s) -> (T, b, d, n, nc) in layout ``lay``."""
+    b, d, _ = du.shape
+    g, n = B.shape[1], B.shape[2]
+    du_p, B_p = lay.to_pm(du), lay.to_pm(B)
+    T, nc = lay.chunk, lay.n_chunks
+    return (du_p.view(T, b, g, d // g, 1, nc) * B_p.unsqueeze(3)).view(T, b, d, n, nc)
+
+
+def _contract(states: Tensor, C_p: Tensor) -> Tensor:
+    """sum_n C * h: (T, b, d, n, nc) with grouped C (T, b, g, n, nc) -> (T, b, d, nc)."""
+    T, b, d, n, nc = states.shape
+    g = C_p.shape[2]
+    return (states.view(T, b, g, d // g, n, nc) * C_p.unsqueeze(3)).sum(4).view(T, b, d, nc)
+
+
+def _segment_forward(
+    u: Tensor, dt: Tensor, A: Tensor, B: Tensor, h0: Tensor | None
+) -> tuple[_Layout, Tensor, Tensor, Tensor, Tensor]:
+    """(layout, log_decay, states, entering states, final state) of one segment."""
+    lay = _Layout(u.shape[-1])
+    log_decay = lay.to_pm(dt).unsqueeze(3) * A[:, :, None]  # (T, b, d, n, nc), <= 0 for A <= 0
+    states, entering, last = _chunked_states(log_decay, _drive(lay, dt * u, B), h0)
+    return lay, log_decay, states, entering, last
+
+
+class _ScanFunction(torch.autograd.Function):
+    """y = sum_n C h (before D and z) and the last state, with a hand-written backward.
+
+    Autograd through the chunked loops would keep every intermediate of the whole sequence; this
+    keeps only the inputs and each segment's entering state, and in backward recomputes one
+    segment at a time, then runs the adjoint recurrence ``g_t = C_t gy_t + exp(dt_{t+1} A) g_{t+1}``
+    backwards in time with the same chunked scan (on the time-reversed segment).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, seg: int):
+        ys, entering = [], []
+        h: Tensor | None = None
+        for u_s, dt_s, B_s, C_s in zip(*(_split(t, seg) for t in (u, dt, B, C))):
+            entering.append(h if h is not None else u.new_zeros(u.shape[0], u.shape[1], A.shape[1]))
+            lay, _, states, _, h = _segment_forward(u_s, dt_s, A, B_s, h)
+            ys.append(lay.from_pm(_contract(states, lay.to_pm(C_s))))
+            del states
+        ctx.seg = seg
+        ctx.save_for_backward(u, dt, A, B, C, torch.stack(entering))
+        assert h is not None
+        return torch.cat(ys, dim=-1) if len(ys) > 1 else ys[0], h
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor | None, g_last: Tensor | None):
+        u, dt, A, B, C, entering = ctx.saved_tensors
+        seg = ctx.seg
+        if gy is None:
+            gy = torch.zeros_like(u)
+        b, d, _ = u.shape
+        g, n = B.shape[1], B.shape[2]
+        dg = d // g
+        carry = g_last  # gradient reaching the state at the end of the current segment
+        grads: dict[str, list[Tensor]] = {"u": [], "dt": [], "B": [], "C": []}
+        dA = torch.zeros_like(A)
+        pieces = list(zip(*(_split(t, seg) for t in (u, dt, B, C, gy))))
+        for i in range(len(pieces) - 1, -1, -1):
+            u_s, dt_s, B_s, C_s, gy_s = pieces[i]
+            lay, log_decay, states, chunk_in, _ = _segment_forward(u_s, dt_s, A, B_s, entering[i])
+            T, nc = lay.chunk, lay.n_chunks
+            # Adjoint g_t = dL/dh_t: in reversed time it is the forward recurrence with decay
+            # exp(dt_{t+1} A) and input C_t gy_t, entered from the next segment's gradient.
+            # Flipping both layout axes reverses time; the next position's dt is a shift by one.
+            rev = [0, -1]
+            dt_next = F.pad(dt_s[..., 1:], (0, 1))
+            log_decay_rev = torch.flip(lay.to_pm(dt_next), rev).unsqueeze(3) * A[:, :, None]
+            gy_p, C_p = lay.to_pm(gy_s), lay.to_pm(C_s)
+            drive_rev = torch.flip(gy_p, rev).view(T, b, g, dg, 1, nc) * torch.flip(C_p, rev).unsqueeze(3)
+            adj_rev, _, adj_first = _chunked_states(log_decay_rev, drive_rev.view(T, b, d, n, nc), carry)
+            adj = torch.flip(adj_rev, rev).view(T, b, g, dg, n, nc)
+            del adj_rev, drive_rev, log_decay_rev
+            # The state before each position: the chunk's entering state, then the states shifted.
+            previous = torch.cat([chunk_in.unsqueeze(0), states[:-1]], dim=0)
+            d_log_decay = (adj.view(T, b, d, n, nc) * previous).mul_(torch.exp(log_decay))
+            carry = adj_first * torch.exp(log_decay[0, ..., 0])  # dL/d(state entering the segment)
+            dt_p = lay.to_pm(dt_s)
+            du_p = lay.to_pm(dt_s * u_s)
+            B_p = lay.to_pm(B_s)
+            d_du = (adj * B_p.unsqueeze(3)).sum(4).view(T, b, d, nc)  # d/d(dt * u)
+            d_dt = d_du * lay.to_pm(u_s) + (d_log_decay * A[:, :, None]).sum(3)
+            dA += (d_log_decay * dt_p.unsqueeze(3)).sum(dim=(0, 1, 4))
+            grads["u"].append(lay.from_pm(d_du * dt_p))
+            grads["dt"].append(lay.from_pm(d_dt))
+            grads["B"].append(lay.from_pm((adj * du_p.view(T, b, g, dg, 1, nc)).sum(3)))
+            states_g = states.view(T, b, g, dg, n, nc)
+            grads["C"].append(lay.from_pm((states_g * gy_p.view(T, b, g, dg, 1, nc)).sum(3)))
+        out = {k: torch.cat(v[::-1], dim=-1) if len(v) > 1 else v[0] for k, v in grads.items()}
+        return out["u"], out["dt"], dA, out["B"], out["C"], None
+
+
+def _states_autograd(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, seg: int) -> tuple[Tensor, Tensor]:
+    """The state sequence (b, d, n, l), differentiable by autograd through the chunked scan.
+
+    With gradients needed and more than one group of segments, each group is checkpointed so
+    autograd keeps one group's intermediates at a time.
+    """
+    b, d, length = u.shape
+    group = seg * max(1, GROUP_ELEMENTS // max(1, b * d * A.shape[1] * seg))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, dt, A, B))
+    pieces = []
+    h: Tensor | None = None
+    for u_g, dt_g, B_g in zip(*(_split(t, group) for t in (u, dt, B))):
+        if needs_grad and group < length:
+            piece, h = checkpoint(_states_group, u_g, dt_g, A, B_g, h, seg, use_reentrant=False)
+        else:
+            piece, h = _states_group(u_g, dt_g, A, B_g, h, seg)
+        pieces.append(piece)
+    assert h is not None
+    return (torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]), h
+
+
+def _states_group(
+    u: Tensor, dt: Tensor, A: Tensor, B: Tensor, h0: Tensor | None, seg: int
+) -> tuple[Tensor, Tensor]:
+    pieces = []
+    h = h0
+    for u_s, dt_s, B_s in zip(*(_split(t, seg) for t in (u, dt, B))):
+        lay, _, states, _, h = _segment_forward(u_s, dt_s, A, B_s, h)
+        pieces.append(lay.from_pm(states))
+    assert h is not None
+    return (torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]), h
