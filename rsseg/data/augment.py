@@ -99,17 +99,41 @@ def mosaic(samples: list[tuple[torch.Tensor, torch.Tensor]], ignore_index: int
     return image, mask
 
 
+def _crop(image: torch.Tensor, mask: torch.Tensor, size: int, cfg: AugmentConfig,
+          ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if cfg.smart_crop:
+        return smart_crop(image, mask, size, ignore_index, cfg.smart_crop_max_ratio, cfg.smart_crop_tries)
+    image, mask = pad_to(image, mask, size, ignore_index)
+    top, left = random_crop_box(mask.shape[0], mask.shape[1], size, size)
+    return image[:, top : top + size, left : left + size], mask[top : top + size, left : left + size]
+
+
+def _resize(image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    image = F.interpolate(image.float()[None], size=size, mode="bilinear", align_corners=False)[0]
+    mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].to(mask.dtype)
+    return image, mask
+
+
 def train_transform(image: torch.Tensor, mask: torch.Tensor, cfg: AugmentConfig, crop_size: int,
                     ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale -> (smart) crop to ``crop_size`` -> flips / rot90. Mosaic happens before, in the
-    dataset, because it needs other samples."""
-    image, mask = random_scale(image, mask, tuple(cfg.scales))
-    if cfg.smart_crop:
-        image, mask = smart_crop(image, mask, crop_size, ignore_index,
-                                 cfg.smart_crop_max_ratio, cfg.smart_crop_tries)
+    """Random scale -> (smart) crop to ``crop_size`` -> flips / rot90; returns (float32 image,
+    int64 label). Mosaic happens before, in the dataset, because it needs other samples.
+
+    Same result as GeoSeg's "rescale the whole patch, then crop", but for an enlarging scale s it
+    crops the ``crop_size / s`` window the crop would come from and resizes only that window
+    (image bilinear, label nearest): resizing the whole 1024 px patch dominated the loader's time.
+    """
+    scales = tuple(cfg.scales) or (1.0,)
+    factor = scales[_choice(len(scales))]
+    if factor < 1.0:  # shrinking: resize the (smaller) result first, then crop/pad as usual
+        h, w = mask.shape
+        image, mask = _resize(image, mask, (max(1, round(h * factor)), max(1, round(w * factor))))
+        image, mask = _crop(image, mask, crop_size, cfg, ignore_index)
     else:
-        image, mask = pad_to(image, mask, crop_size, ignore_index)
-        top, left = random_crop_box(mask.shape[0], mask.shape[1], crop_size, crop_size)
-        image = image[:, top : top + crop_size, left : left + crop_size]
-        mask = mask[top : top + crop_size, left : left + crop_size]
-    return flips_rot90(image, mask, cfg)
+        window = max(1, round(crop_size / factor))
+        image, mask = _crop(image, mask, window, cfg, ignore_index)
+        if window != crop_size:
+            image, mask = _resize(image, mask, (crop_size, crop_size))
+    image, mask = flips_rot90(image, mask, cfg)
+    return image.float().contiguous(), mask.long().contiguous()

@@ -55,10 +55,14 @@ class PatchDataset(Dataset):
         return len(self.items)
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image in its source dtype where torch has it, uint8 label); augmentation works on
+        these compact types and converts to float only at the end."""
         image_path, label_path = self.items[index]
-        image = torch.from_numpy(read_patch(image_path).astype(np.float32))
-        mask = torch.from_numpy(read_patch(label_path)[0].astype(np.int64))
-        return image, mask
+        image = read_patch(image_path)
+        if image.dtype not in (np.uint8, np.int16, np.int32, np.float32, np.float64):
+            image = image.astype(np.float32)  # e.g. uint16, which torch barely supports
+        mask = read_patch(label_path)[0].astype(np.uint8, copy=False)
+        return torch.from_numpy(image), torch.from_numpy(mask)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image, mask = self.load(index)
@@ -67,5 +71,6 @@ class PatchDataset(Dataset):
             if cfg.mosaic_p > 0 and len(self) > 1 and torch.rand(()) < cfg.mosaic_p:
                 others = torch.randint(len(self), (3,)).tolist()
                 image, mask = mosaic([(image, mask)] + [self.load(i) for i in others], self.ignore_index)
-            image, mask = train_transform(image, mask, cfg, self.crop_size, self.ignore_index)
-        return {"image": image, "mask": mask}
+            return dict(zip(("image", "mask"),
+                            train_transform(image, mask, cfg, self.crop_size, self.ignore_index)))
+        return {"image": image.float(), "mask": mask.long()}
