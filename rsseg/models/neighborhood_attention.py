@@ -15,9 +15,11 @@ is full attention along that axis.
 Relative position bias: index ``(neighbour // d - i // d) + K - 1`` per axis, i.e. the offset in
 window steps, into a table of shape (heads, 2K-1, 2K-1), as in natten.
 
-Memory: neighbours are gathered with index tensors computed once per (L, K, d) and cached, in
-blocks of query rows, and the backward pass re-gathers instead of saving K*K copies of the keys
-and values (see :class:`_NeighbourQK` and :class:`_NeighbourAV`).
+Speed and memory: the K x K window offsets are visited one at a time. For a column offset the
+keys are gathered once along the width (index tables computed once per (L, K, d) and cached);
+each row offset is then a gather of whole rows, which is close to a plain copy. Every temporary
+has the size of the input, never K*K times it, and the hand-written backward passes re-gather
+instead of saving anything but the inputs.
 """
 
 from __future__ import annotations
@@ -26,11 +28,6 @@ from functools import lru_cache
 
 import torch
 from torch import Tensor
-
-# Upper bound on the number of gathered elements (B * heads * queries * K*K * head_dim) held at
-# once; 2**23 floats = 32 MiB. Larger maps are processed in blocks of query rows.
-_GATHER_BUDGET = 2**23
-
 
 @lru_cache(maxsize=256)
 def _axis_tables(length: int, kernel: int, dilation: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -72,57 +69,39 @@ def _device_tables(
     return tuple(t.to(device) for t in (*rows, *cols))  # type: ignore[return-value]
 
 
-def _flat_index(idx_r: Tensor, idx_c: Tensor, width: int) -> Tensor:
-    """Flat key index (rows, W, K*K) for the query rows described by ``idx_r`` (rows, K)."""
-    k = idx_r.shape[1]
-    flat = idx_r[:, None, :, None] * width + idx_c[None, :, None, :]
-    return flat.reshape(idx_r.shape[0], idx_c.shape[0], k * k)
-
-
-def _row_block(batch_heads: int, width: int, k2: int, head_dim: int) -> int:
-    per_row = max(1, batch_heads * width * k2 * head_dim)
-    return max(1, _GATHER_BUDGET // per_row)
-
-
 class _NeighbourQK(torch.autograd.Function):
     """logits[b, n, i, j, m] = q[b, n, i, j] . k[b, n, neighbour_m(i, j)] (no scaling, no bias)."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, idx_r: Tensor, idx_c: Tensor) -> Tensor:  # type: ignore[override]
-        b, n, h, w, c = q.shape
-        kk = idx_r.shape[1] ** 2
-        k_flat = k.reshape(b, n, h * w, c)
-        out = q.new_empty(b, n, h, w, kk)
-        step = _row_block(b * n, w, kk, c)
-        for r0 in range(0, h, step):
-            r1 = min(h, r0 + step)
-            index = _flat_index(idx_r[r0:r1], idx_c, w).reshape(-1)
-            keys = k_flat.index_select(2, index).reshape(b, n, r1 - r0, w, kk, c)
-            out[:, :, r0:r1] = torch.einsum("bnhwkc,bnhwc->bnhwk", keys, q[:, :, r0:r1])
+        kernel = idx_r.shape[1]
+        # offset-major buffers (offset first) keep every per-offset slice contiguous
+        out = q.new_empty(kernel * kernel, *q.shape[:-1])
+        for kj in range(kernel):
+            cols = k.index_select(3, idx_c[:, kj])
+            for ki in range(kernel):
+                torch.linalg.vecdot(q, cols.index_select(2, idx_r[:, ki]), out=out[ki * kernel + kj])
         ctx.save_for_backward(q, k, idx_r, idx_c)
-        return out
+        return out.movedim(0, -1).contiguous()
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         q, k, idx_r, idx_c = ctx.saved_tensors
-        b, n, h, w, c = q.shape
-        kk = idx_r.shape[1] ** 2
-        k_flat = k.reshape(b, n, h * w, c)
-        grad_q = torch.empty_like(q) if ctx.needs_input_grad[0] else None
-        grad_k = torch.zeros(b, n, h * w, c, dtype=k.dtype, device=k.device) if ctx.needs_input_grad[1] else None
-        step = _row_block(b * n, w, kk, c)
-        for r0 in range(0, h, step):
-            r1 = min(h, r0 + step)
-            index = _flat_index(idx_r[r0:r1], idx_c, w).reshape(-1)
-            g = grad[:, :, r0:r1]  # (b, n, rows, w, kk)
-            if grad_q is not None:
-                keys = k_flat.index_select(2, index).reshape(b, n, r1 - r0, w, kk, c)
-                grad_q[:, :, r0:r1] = torch.einsum("bnhwk,bnhwkc->bnhwc", g, keys)
+        kernel = idx_r.shape[1]
+        grad = grad.movedim(-1, 0).contiguous()
+        grad_q = torch.zeros_like(q) if ctx.needs_input_grad[0] else None
+        grad_k = torch.zeros_like(k) if ctx.needs_input_grad[1] else None
+        for kj in range(kernel):
+            cols = k.index_select(3, idx_c[:, kj]) if grad_q is not None else None
+            grad_cols = torch.zeros_like(k) if grad_k is not None else None
+            for ki in range(kernel):
+                g = grad[ki * kernel + kj, ..., None]
+                if cols is not None:
+                    grad_q.addcmul_(g, cols.index_select(2, idx_r[:, ki]))  # type: ignore[union-attr]
+                if grad_cols is not None:
+                    grad_cols.index_add_(2, idx_r[:, ki], g * q)
             if grad_k is not None:
-                contrib = torch.einsum("bnhwk,bnhwc->bnhwkc", g, q[:, :, r0:r1])
-                grad_k.index_add_(2, index, contrib.reshape(b, n, -1, c))
-        if grad_k is not None:
-            grad_k = grad_k.reshape_as(k)
+                grad_k.index_add_(3, idx_c[:, kj], grad_cols)
         return grad_q, grad_k, None, None
 
 
@@ -131,40 +110,36 @@ class _NeighbourAV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, attn: Tensor, v: Tensor, idx_r: Tensor, idx_c: Tensor) -> Tensor:  # type: ignore[override]
-        b, n, h, w, c = v.shape
-        kk = idx_r.shape[1] ** 2
-        v_flat = v.reshape(b, n, h * w, c)
-        out = v.new_empty(b, n, h, w, c)
-        step = _row_block(b * n, w, kk, c)
-        for r0 in range(0, h, step):
-            r1 = min(h, r0 + step)
-            index = _flat_index(idx_r[r0:r1], idx_c, w).reshape(-1)
-            values = v_flat.index_select(2, index).reshape(b, n, r1 - r0, w, kk, c)
-            out[:, :, r0:r1] = torch.einsum("bnhwk,bnhwkc->bnhwc", attn[:, :, r0:r1], values)
+        kernel = idx_r.shape[1]
+        out = torch.zeros_like(v)
+        weights = attn.movedim(-1, 0).contiguous()  # offset-major: contiguous per-offset slices
+        for kj in range(kernel):
+            cols = v.index_select(3, idx_c[:, kj])
+            for ki in range(kernel):
+                out.addcmul_(weights[ki * kernel + kj, ..., None], cols.index_select(2, idx_r[:, ki]))
         ctx.save_for_backward(attn, v, idx_r, idx_c)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         attn, v, idx_r, idx_c = ctx.saved_tensors
-        b, n, h, w, c = v.shape
-        kk = idx_r.shape[1] ** 2
-        v_flat = v.reshape(b, n, h * w, c)
-        grad_attn = torch.empty_like(attn) if ctx.needs_input_grad[0] else None
-        grad_v = torch.zeros(b, n, h * w, c, dtype=v.dtype, device=v.device) if ctx.needs_input_grad[1] else None
-        step = _row_block(b * n, w, kk, c)
-        for r0 in range(0, h, step):
-            r1 = min(h, r0 + step)
-            index = _flat_index(idx_r[r0:r1], idx_c, w).reshape(-1)
-            g = grad[:, :, r0:r1]  # (b, n, rows, w, c)
-            if grad_attn is not None:
-                values = v_flat.index_select(2, index).reshape(b, n, r1 - r0, w, kk, c)
-                grad_attn[:, :, r0:r1] = torch.einsum("bnhwkc,bnhwc->bnhwk", values, g)
+        kernel = idx_r.shape[1]
+        weights = attn.movedim(-1, 0).contiguous()
+        grad_attn = weights.new_empty(weights.shape) if ctx.needs_input_grad[0] else None
+        grad_v = torch.zeros_like(v) if ctx.needs_input_grad[1] else None
+        for kj in range(kernel):
+            cols = v.index_select(3, idx_c[:, kj]) if grad_attn is not None else None
+            grad_cols = torch.zeros_like(v) if grad_v is not None else None
+            for ki in range(kernel):
+                m = ki * kernel + kj
+                if cols is not None:
+                    torch.linalg.vecdot(grad, cols.index_select(2, idx_r[:, ki]), out=grad_attn[m])  # type: ignore[index]
+                if grad_cols is not None:
+                    grad_cols.index_add_(2, idx_r[:, ki], weights[m, ..., None] * grad)
             if grad_v is not None:
-                contrib = torch.einsum("bnhwk,bnhwc->bnhwkc", attn[:, :, r0:r1], g)
-                grad_v.index_add_(2, index, contrib.reshape(b, n, -1, c))
-        if grad_v is not None:
-            grad_v = grad_v.reshape_as(v)
+                grad_v.index_add_(3, idx_c[:, kj], grad_cols)
+        if grad_attn is not None:
+            grad_attn = grad_attn.movedim(0, -1)
         return grad_attn, grad_v, None, None
 
 
