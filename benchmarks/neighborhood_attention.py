@@ -79,7 +79,8 @@ def main() -> None:
         return
 
     def measure(impl: str, dilation: int) -> dict:
-        cmd = [sys.executable, __file__, "--batch", str(args.batch), "--repeats", str(args.repeats), "--case", impl, str(dilation)]
+        options = ["--batch", str(args.batch), "--repeats", str(args.repeats), "--case", impl, str(dilation)]
+        cmd = [sys.executable, __file__, *options]
         return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
     print(f"map {SIZE}x{SIZE}, head dim {HEAD_DIM}, K={KERNEL}, batch {args.batch}, threads {torch.get_num_threads()}")
@@ -89,7 +90,8 @@ def main() -> None:
             f"{name} (dilation {dilation}): naive fwd {base['forward_s']:.3f}s bwd {base['backward_s']:.3f}s "
             f"peak +{base['peak_mib']:.0f} MiB | rsseg fwd {ours['forward_s']:.3f}s bwd {ours['backward_s']:.3f}s "
             f"peak +{ours['peak_mib']:.0f} MiB | ratios rsseg/naive: fwd {ours['forward_s'] / base['forward_s']:.2f} "
-            f"bwd {ours['backward_s'] / base['backward_s']:.2f} memory {ours['peak_mib'] / max(base['peak_mib'], 1e-9):.2f}"
+            f"bwd {ours['backward_s'] / base['backward_s']:.2f} "
+            f"memory {ours['peak_mib'] / max(base['peak_mib'], 1e-9):.2f}"
         )
 
 

@@ -234,7 +234,9 @@ class A2Mamba(nn.Module):
         dims = size.dims
         self.dims = dims
         # overlapping conv stem to 1/4 (two stride-2 3x3 convs)
-        self.stem = nn.Sequential(*_conv_bn(in_channels, dims[0] // 2, 2), nn.GELU(), *_conv_bn(dims[0] // 2, dims[0], 2))
+        self.stem = nn.Sequential(
+            *_conv_bn(in_channels, dims[0] // 2, 2), nn.GELU(), *_conv_bn(dims[0] // 2, dims[0], 2)
+        )
         total = sum(size.depths)
         rates = [drop_path_rate * i / max(1, total - 1) for i in range(total)]  # linear decay rule
         self.downsamples = nn.ModuleList(

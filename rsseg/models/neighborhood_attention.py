@@ -133,7 +133,8 @@ class _NeighbourAV(torch.autograd.Function):
             for ki in range(kernel):
                 m = ki * kernel + kj
                 if cols is not None:
-                    torch.linalg.vecdot(grad, cols.index_select(2, idx_r[:, ki]), out=grad_attn[m])  # type: ignore[index]
+                    neighbours = cols.index_select(2, idx_r[:, ki])
+                    torch.linalg.vecdot(grad, neighbours, out=grad_attn[m])  # type: ignore[index]
                 if grad_cols is not None:
                     grad_cols.index_add_(2, idx_r[:, ki], weights[m, ..., None] * grad)
             if grad_v is not None:

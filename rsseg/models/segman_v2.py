@@ -175,7 +175,9 @@ def load_backbone_weights(backbone: nn.Module, path: str) -> None:
     own = backbone.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if len(usable) < len(own) // 2:
-        raise DataError(f"{file} does not hold rsseg A2Mamba weights for this size ({len(usable)}/{len(own)} tensors match)")
+        raise DataError(
+            f"{file} does not hold rsseg A2Mamba weights for this size ({len(usable)}/{len(own)} tensors match)"
+        )
     backbone.load_state_dict(usable, strict=False)
 
 
@@ -189,7 +191,9 @@ _VARIANTS: dict[str, tuple[str, DecoderWidths, float, str]] = {
 
 
 def _make_builder(name: str, size_name: str, widths: DecoderWidths, drop_path: float, paper_params: str):
-    def build(num_classes: int, in_channels: int, drop_path_rate: float = drop_path, pretrained: str | None = None) -> SegMANV2:
+    def build(
+        num_classes: int, in_channels: int, drop_path_rate: float = drop_path, pretrained: str | None = None
+    ) -> SegMANV2:
         return SegMANV2(num_classes, in_channels, A2MAMBA_SIZES[size_name], widths, drop_path_rate, pretrained)
 
     build.__name__ = name.replace("-", "_")
