@@ -2,7 +2,7 @@
 
 Makes synthetic tiles in the official Vaihingen layout, prepares them into patches, then measures
 1. the training loader as ``rsseg train`` builds it (GeoSeg augmentations: mosaic p 0.25, random
-   scale, smart crop, flips, rot90; default worker count min(4, CPUs)): patches per second;
+   scale, smart crop, flips, rot90; default worker count min(8, CPUs)): patches per second;
 2. one training step (forward + Soft-CE/Dice + backward + AdamW) of a baseline model on a batch
    of the same size, on the chosen device: patches per second.
 The ratio loader / step must stay above 1: the loader then keeps the model fed.

@@ -77,7 +77,7 @@ class TrainConfig:
     accumulate_grad_batches: int = 1  # effective batch = batch_size x this x devices
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # --- hardware
-    workers: int | None = None  # None: min(4, CPU count)
+    workers: int | None = None  # None: min(8, CPUs / devices)
     devices: int | str = "auto"
     num_nodes: int = 1
     accelerator: str = "auto"

@@ -67,7 +67,7 @@ def prepare(dataset, data_root, out, patch, stride, test_stride, bands, val_frac
 @click.option("--patch-size", type=int, help="Patch size to prepare raw data with.")
 @click.option("--lr", type=float)
 @click.option("--backbone-lr", type=float)
-@click.option("--workers", type=int, help="Data-loader workers [default: min(4, CPUs)].")
+@click.option("--workers", type=int, help="Data-loader workers per process [default: min(8, CPUs / devices)].")
 @click.option("--devices", help="Number of devices (or 'auto'); >1 trains with DDP.")
 @click.option("--num-nodes", type=int)
 @click.option("--accelerator", help="auto, cpu, gpu ...")
