@@ -105,6 +105,9 @@ def default_workers(cfg: TrainConfig) -> int:
 
 
 def _validate(cfg: TrainConfig) -> None:
+    from rsseg.models.registry import model_info
+
+    model_info(cfg.model)  # an unknown model fails now, not after preparing the data
     if cfg.batch_size < 1 or cfg.crop_size < 16 or cfg.patch_size < 16:
         raise UsageError("batch_size must be >= 1 and crop/patch sizes >= 16")
     if cfg.epochs < 1 and cfg.max_steps <= 0:
