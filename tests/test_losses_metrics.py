@@ -183,3 +183,14 @@ def test_backbone_parameters_are_split_by_name_prefix():
     backbone, rest = split_backbone_parameters(model)
     assert {id(p) for p in backbone} == {id(p) for p in (*model.encoder.parameters(), *model.backbone.parameters())}
     assert {id(p) for p in rest} == {id(p) for p in model.head.parameters()}
+
+
+def test_low_resolution_aux_logits_are_upsampled_to_the_label_size():
+    torch.manual_seed(0)
+    main = torch.randn(2, 3, 8, 8)
+    aux = torch.randn(2, 3, 4, 4)
+    target = torch.randint(0, 3, (2, 8, 8))
+    loss = SegmentationLoss(IGNORE)
+    up = torch.nn.functional.interpolate(aux, size=(8, 8), mode="bilinear", align_corners=False)
+    expected = loss(main, target) + 0.4 * SoftCrossEntropy(0.05, IGNORE)(up, target)
+    torch.testing.assert_close(loss({"out": main, "aux": aux}, target), expected)
