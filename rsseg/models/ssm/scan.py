@@ -41,13 +41,13 @@ BACKENDS = ("auto", "torch", "cuda")
 ENV_VAR = "RSSEG_SCAN_BACKEND"
 
 # Sizes of the torch scan's work units, in elements of one (batch, channel, state, position)
-# tensor. A segment's tensors (~1 MB each in float32) stay in the CPU cache, which on the
+# tensor. A segment's tensors (~4 MB each in float32) stay in the CPU caches, which on the
 # project machines makes every elementwise pass several times faster than on tensors spanning the
 # whole sequence. For the state sequence (autograd, not the hand-written backward), consecutive
 # segments are grouped and each group of ~64 MB per tensor is checkpointed when gradients are
 # needed, so backward memory stays bounded by one group.
-SEGMENT_ELEMENTS = 1 << 18
-MIN_SEGMENT = 64  # shorter segments would save little cache and cost many Python steps
+SEGMENT_ELEMENTS = 1 << 20
+MIN_SEGMENT = 128  # shorter segments save little cache and cost many (thread-synchronised) ops
 GROUP_ELEMENTS = 1 << 24
 
 # mamba-ssm's kernel: which input dtypes and state sizes it accepts (csrc/selective_scan).
