@@ -88,8 +88,10 @@ class SegmentationLoss(nn.Module):
 def split_outputs(outputs: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(main logits, list of auxiliary logits) from a model's output."""
     if isinstance(outputs, dict):
-        aux = outputs.get("aux") or []
-        if isinstance(aux, torch.Tensor):
+        aux = outputs.get("aux")
+        if aux is None:
+            aux = []
+        elif isinstance(aux, torch.Tensor):  # a single auxiliary output
             aux = [aux]
         return outputs["out"], list(aux)
     if isinstance(outputs, (tuple, list)):
