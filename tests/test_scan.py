@@ -68,11 +68,9 @@ def make_inputs(b, d, n, length, groups, seed, dtype=torch.float32, delta_scale=
 
 @pytest.fixture(params=[1, 7], ids=["segment1", "segment7"])
 def tiny_segments(monkeypatch, request):
-    """Force many segments (of 1 or 7 positions) and, for the state sequence, several checkpointed
-    groups, so short inputs exercise every code path."""
+    """Force many segments (of 1 or 7 positions), so short inputs exercise every code path."""
     seg = request.param
     monkeypatch.setattr(scan_module, "_segment_length", lambda length, states: min(length, seg))
-    monkeypatch.setattr(scan_module, "GROUP_ELEMENTS", 150)
 
 
 def _check_against_oracle(inp, softplus, atol, rtol, grads=True):
@@ -113,7 +111,7 @@ def test_outputs_and_all_gradients_match_the_oracle(b, d, n, length, groups):
 
 
 @pytest.mark.parametrize("b,d,n,length,groups", CASES[2:])
-def test_many_segments_and_checkpointed_groups_match_the_oracle(tiny_segments, b, d, n, length, groups):
+def test_many_segments_match_the_oracle(tiny_segments, b, d, n, length, groups):
     inp = make_inputs(b, d, n, length, groups, seed=length + 3)
     _check_against_oracle(inp, softplus=True, atol=2e-5, rtol=2e-4)
 

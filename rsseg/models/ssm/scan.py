@@ -33,7 +33,6 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from rsseg.errors import UsageError, unknown_name
 
@@ -43,12 +42,9 @@ ENV_VAR = "RSSEG_SCAN_BACKEND"
 # Sizes of the torch scan's work units, in elements of one (batch, channel, state, position)
 # tensor. A segment's tensors (~4 MB each in float32) stay in the CPU caches, which on the
 # project machines makes every elementwise pass several times faster than on tensors spanning the
-# whole sequence. For the state sequence (autograd, not the hand-written backward), consecutive
-# segments are grouped and each group of ~64 MB per tensor is checkpointed when gradients are
-# needed, so backward memory stays bounded by one group.
+# whole sequence.
 SEGMENT_ELEMENTS = 1 << 20
 MIN_SEGMENT = 128  # shorter segments save little cache and cost many (thread-synchronised) ops
-GROUP_ELEMENTS = 1 << 24
 
 # mamba-ssm's kernel: which input dtypes and state sizes it accepts (csrc/selective_scan).
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -244,7 +240,7 @@ def _torch_scan(
         seg = _segment_length(length, b * d * Ac.shape[1])
 
         if want_states:
-            states, last = _states_autograd(uc, dt, Ac, Bc, seg)
+            states, last = _ScanFunction.apply(uc, dt, Ac, Bc, None, seg)
             return states.to(u.dtype), last
         assert C is not None
         out, last = _ScanFunction.apply(uc, dt, Ac, Bc, _grouped(C).to(cdt), seg)
@@ -344,7 +340,8 @@ def _segment_forward(
 
 
 class _ScanFunction(torch.autograd.Function):
-    """y = sum_n C h (before D and z) and the last state, with a hand-written backward.
+    """y = sum_n C h (before D and z), or the states h when C is None, and the last state, with a
+    hand-written backward.
 
     Autograd through the chunked loops would keep every intermediate of the whole sequence; this
     keeps only the inputs and each segment's entering state, and in backward recomputes one
@@ -353,13 +350,14 @@ class _ScanFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, seg: int):
+    def forward(ctx: Any, u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor | None, seg: int):
         ys, entering = [], []
         h: Tensor | None = None
-        for u_s, dt_s, B_s, C_s in zip(*(_split(t, seg) for t in (u, dt, B, C))):
+        C_pieces = _split(C, seg) if C is not None else [None] * math.ceil(u.shape[-1] / seg)
+        for u_s, dt_s, B_s, C_s in zip(_split(u, seg), _split(dt, seg), _split(B, seg), C_pieces):
             entering.append(h if h is not None else u.new_zeros(u.shape[0], u.shape[1], A.shape[1]))
             lay, _, states, _, h = _segment_forward(u_s, dt_s, A, B_s, h)
-            ys.append(lay.from_pm(_contract(states, lay.to_pm(C_s))))
+            ys.append(lay.from_pm(states if C_s is None else _contract(states, lay.to_pm(C_s))))
             del states
         ctx.seg = seg
         ctx.save_for_backward(u, dt, A, B, C, torch.stack(entering))
@@ -375,10 +373,12 @@ class _ScanFunction(torch.autograd.Function):
         b, d, _ = u.shape
         g, n = B.shape[1], B.shape[2]
         dg = d // g
+        states_mode = C is None  # gy is then the gradient of the states, (b, d, n, l)
         carry = g_last  # gradient reaching the state at the end of the current segment
         grads: dict[str, list[Tensor]] = {"u": [], "dt": [], "B": [], "C": []}
         dA = torch.zeros_like(A)
-        pieces = list(zip(*(_split(t, seg) for t in (u, dt, B, C, gy))))
+        C_pieces = [None] * math.ceil(u.shape[-1] / seg) if states_mode else _split(C, seg)
+        pieces = list(zip(_split(u, seg), _split(dt, seg), _split(B, seg), C_pieces, _split(gy, seg)))
         for i in range(len(pieces) - 1, -1, -1):
             u_s, dt_s, B_s, C_s, gy_s = pieces[i]
             lay, log_decay, states, chunk_in, _ = _segment_forward(u_s, dt_s, A, B_s, entering[i])
@@ -389,8 +389,12 @@ class _ScanFunction(torch.autograd.Function):
             rev = [0, -1]
             dt_next = F.pad(dt_s[..., 1:], (0, 1))
             log_decay_rev = torch.flip(lay.to_pm(dt_next), rev).unsqueeze(3) * A[:, :, None]
-            gy_p, C_p = lay.to_pm(gy_s), lay.to_pm(C_s)
-            drive_rev = torch.flip(gy_p, rev).view(T, b, g, dg, 1, nc) * torch.flip(C_p, rev).unsqueeze(3)
+            gy_p = lay.to_pm(gy_s)
+            if states_mode:
+                drive_rev = torch.flip(gy_p, rev)
+            else:
+                C_p = lay.to_pm(C_s)
+                drive_rev = torch.flip(gy_p, rev).view(T, b, g, dg, 1, nc) * torch.flip(C_p, rev).unsqueeze(3)
             adj_rev, _, adj_first = _chunked_states(log_decay_rev, drive_rev.view(T, b, d, n, nc), carry)
             adj = torch.flip(adj_rev, rev).view(T, b, g, dg, n, nc)
             del adj_rev, drive_rev, log_decay_rev
@@ -407,40 +411,8 @@ class _ScanFunction(torch.autograd.Function):
             grads["u"].append(lay.from_pm(d_du * dt_p))
             grads["dt"].append(lay.from_pm(d_dt))
             grads["B"].append(lay.from_pm((adj * du_p.view(T, b, g, dg, 1, nc)).sum(3)))
-            states_g = states.view(T, b, g, dg, n, nc)
-            grads["C"].append(lay.from_pm((states_g * gy_p.view(T, b, g, dg, 1, nc)).sum(3)))
-        out = {k: torch.cat(v[::-1], dim=-1) if len(v) > 1 else v[0] for k, v in grads.items()}
+            if not states_mode:
+                states_g = states.view(T, b, g, dg, n, nc)
+                grads["C"].append(lay.from_pm((states_g * gy_p.view(T, b, g, dg, 1, nc)).sum(3)))
+        out = {k: (torch.cat(v[::-1], dim=-1) if len(v) > 1 else v[0]) if v else None for k, v in grads.items()}
         return out["u"], out["dt"], dA, out["B"], out["C"], None
-
-
-def _states_autograd(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, seg: int) -> tuple[Tensor, Tensor]:
-    """The state sequence (b, d, n, l), differentiable by autograd through the chunked scan.
-
-    With gradients needed and more than one group of segments, each group is checkpointed so
-    autograd keeps one group's intermediates at a time.
-    """
-    b, d, length = u.shape
-    group = seg * max(1, GROUP_ELEMENTS // max(1, b * d * A.shape[1] * seg))
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, dt, A, B))
-    pieces = []
-    h: Tensor | None = None
-    for u_g, dt_g, B_g in zip(*(_split(t, group) for t in (u, dt, B))):
-        if needs_grad and group < length:
-            piece, h = checkpoint(_states_group, u_g, dt_g, A, B_g, h, seg, use_reentrant=False)
-        else:
-            piece, h = _states_group(u_g, dt_g, A, B_g, h, seg)
-        pieces.append(piece)
-    assert h is not None
-    return (torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]), h
-
-
-def _states_group(
-    u: Tensor, dt: Tensor, A: Tensor, B: Tensor, h0: Tensor | None, seg: int
-) -> tuple[Tensor, Tensor]:
-    pieces = []
-    h = h0
-    for u_s, dt_s, B_s in zip(*(_split(t, seg) for t in (u, dt, B))):
-        lay, _, states, _, h = _segment_forward(u_s, dt_s, A, B_s, h)
-        pieces.append(lay.from_pm(states))
-    assert h is not None
-    return (torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]), h
