@@ -126,7 +126,7 @@ def timed(fn: Callable, inp: dict, backward: bool, device: str, repeat: int) -> 
 
 
 def grads(fn: Callable, inp: dict) -> tuple[torch.Tensor, dict]:
-    leaves = {k: v.detach().double().requires_grad_(False).to(v.dtype).requires_grad_() for k, v in inp.items()}
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
     y = fn(leaves)
     weight = torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)  # a non-uniform cotangent
     (y * weight).sum().backward()
