@@ -70,7 +70,7 @@ def make_inputs(b, d, n, length, groups, seed, dtype=torch.float32, delta_scale=
 def tiny_segments(monkeypatch, request):
     """Force many segments (of 1 or 7 positions), so short inputs exercise every code path."""
     seg = request.param
-    monkeypatch.setattr(scan_module, "_segment_length", lambda length, states: min(length, seg))
+    monkeypatch.setattr(scan_module, "_segment_length", lambda length, *_: min(length, seg))
 
 
 def _check_against_oracle(inp, softplus, atol, rtol, grads=True):
@@ -178,7 +178,7 @@ def test_states_are_the_exact_hidden_sequence(tiny_segments, n):
 
 def test_gradcheck_float64(monkeypatch):
     # Segments of 4 positions: a padded last segment and gradients carried across segments.
-    monkeypatch.setattr(scan_module, "_segment_length", lambda length, states: min(length, 4))
+    monkeypatch.setattr(scan_module, "_segment_length", lambda length, *_: min(length, 4))
     inp = make_inputs(1, 4, 2, 7, 2, seed=23, dtype=torch.float64)
     names = list(inp)
 

@@ -44,6 +44,8 @@ ENV_VAR = "RSSEG_SCAN_BACKEND"
 # project machines makes every elementwise pass several times faster than on tensors spanning the
 # whole sequence.
 SEGMENT_ELEMENTS = 1 << 20
+# On a GPU the cost is kernel launches, not cache misses: far longer segments (~64 MB tensors).
+SEGMENT_ELEMENTS_GPU = 1 << 24
 MIN_SEGMENT = 128  # shorter segments save little cache and cost many (thread-synchronised) ops
 
 # mamba-ssm's kernel: which input dtypes and state sizes it accepts (csrc/selective_scan).
@@ -237,7 +239,7 @@ def _torch_scan(
         Ac = A.to(cdt)
         Bc = _grouped(B).to(cdt)
         b, d, length = uc.shape
-        seg = _segment_length(length, b * d * Ac.shape[1])
+        seg = _segment_length(length, b * d * Ac.shape[1], uc.device.type)
 
         if want_states:
             states, last = _ScanFunction.apply(uc, dt, Ac, Bc, None, seg)
@@ -251,9 +253,10 @@ def _torch_scan(
         return out.to(u.dtype), last
 
 
-def _segment_length(length: int, states_per_position: int) -> int:
+def _segment_length(length: int, states_per_position: int, device_type: str = "cpu") -> int:
     """Cache-sized segment length (at least MIN_SEGMENT), cutting ``length`` into equal pieces."""
-    size = max(MIN_SEGMENT, SEGMENT_ELEMENTS // max(1, states_per_position))
+    budget = SEGMENT_ELEMENTS if device_type == "cpu" else SEGMENT_ELEMENTS_GPU
+    size = max(MIN_SEGMENT, budget // max(1, states_per_position))
     size = max(1, min(size, length))
     return math.ceil(length / math.ceil(length / size))
 
