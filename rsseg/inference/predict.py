@@ -397,6 +397,11 @@ def weight_sums(grid: list[list[Window]], height: int, width: int, tile: int, ov
 # ----------------------------------------------------------------------------- one scene
 
 
+# GDAL's block cache defaults to 5 % of RAM and fills as a scene streams through it, which
+# would make peak memory grow with the scene; a fixed cache keeps it flat.
+GDAL_CACHE_MB = 128
+
+
 def predict_scene(
     scene: Path,
     model: nn.Module,
@@ -411,9 +416,27 @@ def predict_scene(
 ) -> SceneResult:
     """Predict one scene into a class COG (and optionally a confidence COG) on the scene's grid.
 
-    Outputs appear under their final names only when complete; on any error or interrupt the
-    partial files are removed.
+    ``meta`` is a bundle's metadata (or an :class:`InputSpec`). Outputs appear under their final
+    names only when complete; on any error or interrupt the partial files are removed. Under
+    torchrun pass ``rank``/``world_size``/``barrier`` from :func:`distributed_context`.
     """
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        return _predict_scene(scene, model, meta, classes_out, confidence_out, options, rank=rank,
+                              world_size=world_size, barrier=barrier)
+
+
+def _predict_scene(
+    scene: Path,
+    model: nn.Module,
+    meta: Any,
+    classes_out: Path,
+    confidence_out: Path | None = None,
+    options: PredictOptions | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Any = None,
+) -> SceneResult:
     options = options or PredictOptions()
     spec = meta if isinstance(meta, InputSpec) else InputSpec.from_meta(meta)
     check_tile_overlap(options.tile, options.overlap)
@@ -530,6 +553,9 @@ def _predict_rows(scene, model, spec, options, scale, grid, lines, rows, height,
                     for f in [f for f in pending_writes if f.done()]:
                         f.result()
                         pending_writes.remove(f)
+                    # Finished rows wait in memory until written: never let more than two pile up.
+                    while len(pending_writes) > 2:
+                        pending_writes.pop(0).result()
                     continue
                 probs = predict_probs(model, item.inputs.to(device), options.tta).cpu()
                 run += len(item.windows)
