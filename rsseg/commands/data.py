@@ -88,6 +88,9 @@ def train(config_path, resume, resume_from, devices, **options) -> None:
         cfg = load_config("cpu-tiny")  # generated data: a run that finishes in minutes on a CPU
     else:
         cfg = TrainConfig()
+    if options.get("model") and options["model"] != cfg.model:
+        # A preset's model options belong to its own model; another model starts from its defaults.
+        cfg = cfg.replace(model_cfg={})
     cfg = cfg.replace(**options, devices=_devices(devices),
                       resume=resume_from or ("last" if resume else None))
     result = run_training(cfg)

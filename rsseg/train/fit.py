@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,12 +65,10 @@ def _synthetic_data(cfg: TrainConfig, run_dir: Path) -> Path:
     raw = root / "raw"
     if not raw.is_dir():
         write_vaihingen_layout(raw, areas=cfg.synthetic_areas, size=cfg.synthetic_tile_size, seed=cfg.seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # synthetic tiles: no eroded labels, by design
-        # Patches larger than the generated tiles would be mostly padding.
-        patch = min(cfg.patch_size, cfg.synthetic_tile_size)
-        return prepare_dataset("synthetic", raw, prepared, patch=patch,
-                               val_fraction=cfg.val_fraction, seed=cfg.seed, progress=cfg.progress)
+    # Patches larger than the generated tiles would be mostly padding.
+    patch = min(cfg.patch_size, cfg.synthetic_tile_size)
+    return prepare_dataset("synthetic", raw, prepared, patch=patch,
+                           val_fraction=cfg.val_fraction, seed=cfg.seed, progress=cfg.progress)
 
 
 def resolve_data(cfg: TrainConfig, run_dir: Path) -> Path:
