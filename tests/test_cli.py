@@ -68,3 +68,19 @@ def test_datasets_show_classes_and_colours() -> None:
         for cls, rgb in zip(spec.classes, spec.colors):
             assert cls in result.output and "#{:02x}{:02x}{:02x}".format(*rgb) in result.output
     assert "leave out: clutter" in result.output
+
+
+def test_train_model_flag_drops_the_presets_model_options(monkeypatch) -> None:
+    import types
+
+    import rsseg.train.fit as fit
+    from rsseg.config import load_config
+
+    seen = []
+    monkeypatch.setattr(fit, "train", lambda cfg: seen.append(cfg) or types.SimpleNamespace(bundle_path=None))
+    assert load_config("cpu-tiny").model_cfg  # the preset carries options for its own model
+    result = _run("train", "--config", "cpu-tiny", "--model", "segret-t")
+    assert result.exit_code == 0, result.output
+    assert seen[0].model == "segret-t" and seen[0].model_cfg == {}
+    result = _run("train", "--config", "cpu-tiny")
+    assert seen[1].model_cfg == load_config("cpu-tiny").model_cfg
