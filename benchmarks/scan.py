@@ -147,7 +147,8 @@ def peak_memory(impl: str, case: tuple, length: int, backward: bool, device: str
         base = torch.cuda.memory_allocated()
         run_once(IMPLS[impl], inp, backward, device)
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    spec = json.dumps({"impl": impl, "case": list(case[:3]), "length": length, "backward": backward})
+    spec = json.dumps({"impl": impl, "case": list(case[:3]), "length": length, "backward": backward,
+                       "threads": torch.get_num_threads()})
     out = subprocess.run(
         [sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True, check=True
     )
@@ -172,6 +173,7 @@ def _proc_status_mib(field: str) -> float:
 def memory_child(spec: str) -> None:
     """In a fresh process: peak RSS growth (MiB) during one call, after the inputs exist."""
     cfg = json.loads(spec)
+    torch.set_num_threads(cfg.get("threads", torch.get_num_threads()))
     if cfg["impl"] == "ss2d":
         torch.manual_seed(0)
         model = SS2D(cfg["channels"]).eval()
@@ -222,11 +224,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default); 1 is steadiest on a loaded machine")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child)
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     cases = QUICK_CASES if args.quick else CASES
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
@@ -265,7 +271,7 @@ def main() -> None:
 
     size = 64 if args.quick else 256
     if device == "cpu":
-        spec = json.dumps({"impl": "ss2d", "channels": 64, "size": size})
+        spec = json.dumps({"impl": "ss2d", "channels": 64, "size": size, "threads": torch.get_num_threads()})
         start = time.perf_counter()
         out = subprocess.run([sys.executable, __file__, "--memory-child", spec],
                              capture_output=True, text=True, check=True)
