@@ -22,6 +22,7 @@ from _fake_layouts import make_vaihingen
 from rsseg.config import AugmentConfig, TrainConfig
 from rsseg.data.prepare import prepare_dataset, read_manifest
 from rsseg.data.specs import ISPRS_COLORS, get_spec
+from rsseg.errors import UsageError
 from rsseg.models.registry import register_model
 from rsseg.train.fit import train
 from rsseg.train.module import NonFiniteLossError
@@ -259,3 +260,11 @@ def test_two_process_cpu_ddp_run(prepared, tmp_path):
     assert all(" WORLD 2 " in line for line in proc.stdout.splitlines() if line.startswith("RANK"))
     assert (tmp_path / "runs" / "ddp" / "best.safetensors").is_file()
     assert not (tmp_path / "runs" / "ddp-2").exists()  # both ranks used one run folder
+
+
+def test_a_crop_too_small_for_batchnorm_is_a_usage_error(prepared, tmp_path):
+    # ResNet-18 at 32 px reaches 1 x 1 at its last stage; with one sample BatchNorm cannot train.
+    cfg = _cfg(prepared, tmp_path, model="unet-r18", crop_size=32, batch_size=1, max_steps=1,
+               epochs=1, run_name="small")
+    with pytest.raises(UsageError, match="crop 32 px at batch size 1 is too small for unet-r18"):
+        train(cfg)

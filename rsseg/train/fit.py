@@ -222,7 +222,18 @@ def train(cfg: TrainConfig) -> TrainResult:
             resume = ckpt_dir / "last.ckpt" if cfg.resume == "last" else Path(cfg.resume)
             if not resume.is_file():
                 raise DataError(f"cannot resume: checkpoint {resume} does not exist")
-        trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)
+        try:
+            trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)
+        except ValueError as exc:
+            # BatchNorm in training mode cannot normalise a single value per channel: the crop
+            # shrank to 1 x 1 at the model's deepest level with one sample in the batch.
+            if "Expected more than 1 value per channel" not in str(exc):
+                raise
+            raise UsageError(
+                f"crop {cfg.crop_size} px at batch size {cfg.batch_size} is too small for {cfg.model}: "
+                "its deepest feature map is 1 x 1 and BatchNorm needs more than one value per "
+                "channel; use a larger --crop-size or --batch-size"
+            ) from exc
 
         best_path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
         last_path = ckpt_dir / "last.ckpt"
