@@ -25,6 +25,7 @@ from segmentation_models_pytorch.losses import LovaszLoss
 from torch import nn
 
 from rsseg.errors import UsageError
+from rsseg.models.layers import ConvBNReLU, SeparableConvBNReLU
 from rsseg.models.registry import register_model
 from rsseg.models.ssm import FourDirectionMamba
 
@@ -34,30 +35,6 @@ ENCODER_CHANNELS = (96, 192, 384, 768)
 LEVEL_WIDTHS = (192, 128, 96)
 # Total downsampling of the encoder: inputs must be at least this large on each side.
 MIN_INPUT_SIZE = 32
-
-
-# --------------------------------------------------------------------------------------------------
-# Convolution shorthands. (The same layout as rsseg.models.layers' ConvBNReLU / SeparableConvBNReLU,
-# so state-dict keys would not change if this file switched to those shared blocks.)
-
-
-def ConvBNReLU(in_ch: int, out_ch: int, kernel_size: int = 3) -> nn.Sequential:  # noqa: N802
-    """Conv2d (no bias) + BatchNorm2d + ReLU, 'same' padding."""
-    return nn.Sequential(
-        nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_ch),
-        nn.ReLU(inplace=True),
-    )
-
-
-def SeparableConvBNReLU(in_ch: int, out_ch: int, kernel_size: int = 3) -> nn.Sequential:  # noqa
-    """Depthwise k x k + pointwise 1x1 (no biases) + BatchNorm2d + ReLU."""
-    return nn.Sequential(
-        nn.Conv2d(in_ch, in_ch, kernel_size, padding=kernel_size // 2, groups=in_ch, bias=False),
-        nn.Conv2d(in_ch, out_ch, 1, bias=False),
-        nn.BatchNorm2d(out_ch),
-        nn.ReLU(inplace=True),
-    )
 
 
 # --------------------------------------------------------------------------------------------------
