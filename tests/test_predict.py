@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from rsseg.errors import BundleError, DataError, OutputError
+from rsseg.errors import BundleError, DataError, OutputError, UsageError
 from rsseg.inference.predict import InputSpec, PredictOptions, predict_probs, predict_scene
 from rsseg.inference.run import predict_scenes
 
@@ -175,6 +175,17 @@ def test_resample_runs_at_training_gsd_and_writes_the_scene_grid(tmp_path):
     assert r1.model_scale == 1.0 and r.windows_run < r1.windows_run
     # Blocky 8x8 content: running at half resolution agrees with full resolution almost everywhere.
     assert (out == read(tmp_path / "d.tif")).mean() > 0.9
+
+
+def test_resampling_by_an_absurd_factor_is_refused(tmp_path):
+    # A 30 m scene with a 9 cm model would be upsampled 333x: one clear line, no output.
+    scene = write_tif(tmp_path / "s.tif", random_scene(8, 10, seed=2), gsd=30.0)
+    with pytest.raises(UsageError, match="trained at 0.09 m .*--no-resample"):
+        predict_scene(scene, per_pixel_model(), spec(gsd_m=0.09), tmp_path / "c.tif", None, opts(tile=16, overlap=0))
+    assert not (tmp_path / "c.tif").exists()
+    r = predict_scene(scene, per_pixel_model(), spec(gsd_m=0.09), tmp_path / "c.tif", None,
+                      opts(tile=16, overlap=0, resample=False))
+    assert r.model_scale == 1.0
 
 
 def test_scene_without_crs_warns_once_and_works(tmp_path):

@@ -130,6 +130,10 @@ def check_bands(src: rasterio.DatasetReader, spec: InputSpec, name: str) -> None
         )
 
 
+# Largest ratio between scene and training GSD that --resample bridges.
+MAX_RESAMPLE_FACTOR = 8.0
+
+
 def scene_gsd_m(src: rasterio.DatasetReader) -> float | None:
     """Ground sampling distance in metres (mean of x/y), or None if the scene has no usable CRS."""
     if src.crs is None:
@@ -150,6 +154,14 @@ def model_scale(src: rasterio.DatasetReader, spec: InputSpec, resample: bool) ->
     if gsd is None:
         return 1.0
     scale = gsd / spec.gsd_m
+    if not 1 / MAX_RESAMPLE_FACTOR <= scale <= MAX_RESAMPLE_FACTOR:
+        # e.g. a 30 m Landsat scene with a 9 cm model would be upsampled 333x (billions of pixels):
+        # refuse instead of planning an absurd run; the user decides whether the model fits at all.
+        raise UsageError(
+            f"the scene's pixels are {gsd:g} m but the model was trained at {spec.gsd_m:g} m "
+            f"(factor {scale:.3g}, over {MAX_RESAMPLE_FACTOR}x); pass --no-resample to run the model "
+            "at the scene's own resolution"
+        )
     return 1.0 if abs(scale - 1.0) < 1e-3 else scale
 
 
