@@ -8,8 +8,10 @@ Run folder ``<output_dir>/<run_name>/``: ``config.yaml`` (the resolved config),
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +115,13 @@ def _validate(cfg: TrainConfig) -> None:
         raise UsageError(f"unknown scheduler {cfg.scheduler!r}; valid: cosine_restarts, cosine, poly, none")
 
 
+def _quiet_lightning() -> None:
+    """Keep Lightning's start-up chatter (accelerator availability, a product tip) and a
+    deprecation notice from its own internals out of rsseg's output; warnings still show."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.dataset``; returns where the bundle and logs are."""
     import lightning as L
@@ -123,6 +132,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     from rsseg.bundle import BundleMeta, save_bundle
     from rsseg.data.patches import PatchDataset
     from rsseg.models.registry import create_model
+
+    _quiet_lightning()
     from rsseg.train.metrics import convention_text
     from rsseg.train.module import SegmentationModule
 
