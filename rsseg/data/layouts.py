@@ -245,14 +245,19 @@ def _find_vaihingen(index: dict[str, list[Path]], dataset: str) -> tuple[list[So
         if split == "test" and eroded is None:
             fallback_eroded.append(tile)
         tiles.append(SourceTile(tile, split, image, label, "rgb", (1, 2, 3)))
-    if fallback_eroded:
+    _warn_test_tiles_on_full_labels(fallback_eroded)
+    return tiles, missing
+
+
+def _warn_test_tiles_on_full_labels(tiles: list[str]) -> None:
+    """One warning naming the test tiles that lack eroded labels (ISPRS scores on eroded ones)."""
+    if tiles:
         warnings.warn(
-            f"no eroded (_noBoundary) labels for test tile(s) {', '.join(fallback_eroded)}; "
+            f"no eroded (_noBoundary) labels for test tile(s) {', '.join(tiles)}; "
             "they are scored on the full labels",
             DataWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of the layout finder, as before this helper existed
         )
-    return tiles, missing
 
 
 def _find_potsdam(index: dict[str, list[Path]], bands: str) -> tuple[list[SourceTile], list]:
@@ -286,13 +291,7 @@ def _find_potsdam(index: dict[str, list[Path]], bands: str) -> tuple[list[Source
         if split == "test" and eroded is None:
             fallback_eroded.append(tile)
         tiles.append(SourceTile(tile, split, image, label, "rgb", tuple(indexes)))
-    if fallback_eroded:
-        warnings.warn(
-            f"no eroded (_noBoundary) labels for test tile(s) {', '.join(fallback_eroded)}; "
-            "they are scored on the full labels",
-            DataWarning,
-            stacklevel=3,
-        )
+    _warn_test_tiles_on_full_labels(fallback_eroded)
     return tiles, missing
 
 
