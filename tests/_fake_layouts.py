@@ -48,6 +48,17 @@ def rgb_label(cls: np.ndarray, colors=ISPRS_COLORS) -> np.ndarray:
     return np.asarray(colors, dtype=np.uint8)[cls].transpose(2, 0, 1)
 
 
+def decode_rgb_label(path: Path, ignore: int = 6) -> np.ndarray:
+    """ISPRS colour-coded label file -> class indices, any other colour (the eroded black
+    boundary) -> ``ignore``; written here, apart from rsseg's decoder, so tests can check it."""
+    with rasterio.open(path) as src:
+        rgb = src.read()
+    labels = np.full(rgb.shape[1:], ignore, dtype=np.int64)
+    for index, color in enumerate(ISPRS_COLORS):
+        labels[np.all(rgb == np.array(color)[:, None, None], axis=0)] = index
+    return labels
+
+
 def write_tif(path: Path, data: np.ndarray, origin=(500000.0, 5400000.0), gsd=0.09, crs="EPSG:32632"):
     path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(

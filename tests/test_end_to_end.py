@@ -22,6 +22,7 @@ import rasterio
 import torch
 from click.testing import CliRunner
 
+from _fake_layouts import decode_rgb_label
 from rsseg.bundle import load_bundle, read_bundle_meta
 from rsseg.cli import main
 from rsseg.data.prepare import prepare_dataset, read_manifest
@@ -180,16 +181,6 @@ def test_train_then_predict_through_the_cli(name, trained, prepared, scene, tmp_
         assert set(polygons.loc[polygons["class_id"] == c, "class_name"]) == {spec.classes[c]}
 
 
-def _decode_labels(path: Path) -> np.ndarray:
-    """ISPRS colour-coded labels -> class indices, anything else (the black boundary) -> 6."""
-    with rasterio.open(path) as src:
-        rgb = src.read()
-    labels = np.full(rgb.shape[1:], 6, dtype=np.int64)
-    for index, color in enumerate(ISPRS_COLORS):
-        labels[np.all(rgb == np.array(color)[:, None, None], axis=0)] = index
-    return labels
-
-
 def test_cli_eval_equals_a_confusion_matrix_of_cli_predict_output(trained, prepared, tmp_path):
     bundle = trained(BASELINE)
     scores_json = tmp_path / "scores.json"
@@ -201,7 +192,7 @@ def test_cli_eval_equals_a_confusion_matrix_of_cli_predict_output(trained, prepa
     assert manifest["splits"]["test"] == ["2"]
     for tile in manifest["splits"]["test"]:
         entry = manifest["tiles"][tile]
-        truth = _decode_labels(Path(entry["label"]))
+        truth = decode_rgb_label(Path(entry["label"]))
         out = tmp_path / f"pred-{tile}.tif"
         _invoke(["predict", entry["image"], "-o", out, "--model", bundle, "--tile", TILE_PX,
                  "--overlap", 0, "--batch-size", 1, "-q"])  # fmt: skip

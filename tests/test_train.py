@@ -18,10 +18,10 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from _fake_layouts import make_vaihingen
+from _fake_layouts import decode_rgb_label, make_vaihingen
 from rsseg.config import AugmentConfig, TrainConfig
 from rsseg.data.prepare import prepare_dataset, read_manifest
-from rsseg.data.specs import ISPRS_COLORS, get_spec
+from rsseg.data.specs import get_spec
 from rsseg.errors import UsageError
 from rsseg.models.registry import register_model
 from rsseg.train.fit import train
@@ -128,15 +128,6 @@ def test_bundle_carries_classes_bands_and_normalisation(run, prepared):
     assert meta.extra["best_val_miou"] == pytest.approx(result.best_val_miou)
 
 
-def _decode_independently(path: Path) -> np.ndarray:
-    with rasterio.open(path) as src:
-        rgb = src.read()
-    labels = np.full(rgb.shape[1:], 6, dtype=np.int64)
-    for index, color in enumerate(ISPRS_COLORS):
-        labels[np.all(rgb == np.array(color)[:, None, None], axis=0)] = index
-    return labels
-
-
 def test_eval_equals_a_confusion_matrix_computed_from_the_source_tiles(run, prepared):
     """Predictions stitched back into each test tile, scored against the eroded source labels."""
     from rsseg.bundle import load_bundle
@@ -152,7 +143,7 @@ def test_eval_equals_a_confusion_matrix_computed_from_the_source_tiles(run, prep
     assert manifest["splits"]["test"] == ["2", "4"]
     for tile in manifest["splits"]["test"]:
         entry = manifest["tiles"][tile]
-        truth = _decode_independently(Path(entry["label"]))
+        truth = decode_rgb_label(Path(entry["label"]))
         assert Path(entry["label"]).name.endswith("_noBoundary.tif")
         pred = np.full((truth.shape[0] + 64, truth.shape[1] + 64), -1, dtype=np.int64)
         for patch in entry["patches"]:
