@@ -5,8 +5,9 @@ of rows. Inside a strip every 4-connected region of one class gets its own label
 (``scipy.ndimage.label``) and is polygonized by label, so each polygon is known by its label.
 Regions that continue across the seam between two strips are found by comparing the labels of
 the two pixel rows that meet at the seam (same class, same column), joined with a union-find,
-and their pieces unioned. Pixel corners are integers in the working coordinates, so the union
-is exact and the result equals whole-raster polygonization polygon for polygon.
+and their pieces merged (``rsseg.inference.seam_merge``: shared seam edges dropped, rings
+re-linked). Pixel corners are integers in the working coordinates, so the merge is exact and the
+result equals whole-raster polygonization polygon for polygon.
 
 Simplification uses ``shapely.coverage_simplify``, which simplifies each shared border once, so
 neighbours keep meeting without gaps or overlaps; the outer boundary (scene and nodata edges) is
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 
 from rsseg.errors import DataError, OutputError, UsageError
 from rsseg.inference.rasterio_out import NODATA_CLASS, read_class_metadata, temporary_path
+from rsseg.inference.seam_merge import merge_seam_pieces
 
 VECTOR_DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".fgb": "FlatGeobuf", ".parquet": "Parquet"}
 RASTER_SUFFIXES = (".tif", ".tiff")
@@ -139,6 +141,7 @@ def polygonize_pixels(
         height, width = ds.height, ds.width
         block_rows = block_rows or auto_block_rows(width)
         starts = range(0, height, block_rows)
+        seam_rows = list(starts)[1:]
         for top in tqdm(starts, desc=f"vectorize {Path(path).name}", unit="block",
                         disable=not progress, leave=False):
             n = min(block_rows, height - top)
@@ -168,7 +171,11 @@ def polygonize_pixels(
         if len(members) == 1:
             geom = pieces[members[0]]
         else:
-            geom = shapely.union_all([pieces[m] for m in members])
+            parts = [pieces[m] for m in members]
+            # The exact seam merge is linear in the vertices; GEOS's union is the safety net.
+            geom = merge_seam_pieces(parts, seam_rows)
+            if geom is None:
+                geom = shapely.union_all(parts)
         polygons.append(geom)
         class_ids.append(label_class[root])
     return polygons, class_ids
