@@ -17,8 +17,9 @@ The torch scan is hand-written because no library offers an exact CPU selective 
 the sequence into chunks of about sqrt(length), runs the recurrence inside all chunks at once
 (a Python loop over positions in a chunk, each step one fused op on every chunk), carries the
 chunk-final states across chunks (a loop over chunks), then adds each chunk's entering state
-decayed by ``exp(cumsum(delta * A))`` within the chunk. Every ``exp`` is of a number <= 0, so
-nothing overflows, and no step divides by a cumulative decay. Long sequences are cut into
+decayed by the running product of the step decays ``exp(delta * A)`` within the chunk. Every
+``exp`` is of a number <= 0 and every product of numbers in [0, 1], so nothing overflows, and no
+step divides by a cumulative decay. Long sequences are cut into
 cache-sized segments, each starting from the previous one's final state. Backward is written by
 hand (:class:`_ScanFunction`): it keeps only the inputs and each segment's entering state, and
 recomputes one segment at a time, so its memory does not grow with the autograd graph.
@@ -291,20 +292,25 @@ class _Layout:
         return t.reshape(*t.shape[:-2], self.n_chunks * self.chunk)[..., : self.length]
 
 
-def _chunked_states(log_decay: Tensor, inp: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """All states of ``h_t = exp(log_decay_t) * h_{t-1} + inp_t`` in position-major layout.
+def _chunked_states(decay: Tensor, inp: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """All states of ``h_t = decay_t * h_{t-1} + inp_t`` in position-major layout.
 
-    ``log_decay, inp``: (T, b, d, n, nc), ``log_decay <= 0``; ``h0`` (b, d, n) or None (zero).
+    ``decay, inp``: (T, b, d, n, nc), ``decay = exp(log_decay)`` with ``log_decay <= 0``, so in
+    [0, 1]; ``h0`` (b, d, n) or None (zero).
     Returns the states (T, b, d, n, nc), the state entering each chunk (b, d, n, nc) and the
     final state (b, d, n).
     """
-    # 1. The recurrence inside every chunk at once, each chunk from a zero state.
-    decay_t, inp_t = torch.exp(log_decay).unbind(0), inp.unbind(0)
-    local = [inp_t[0]]
-    for t in range(1, len(inp_t)):
-        local.append(torch.addcmul(inp_t[t], decay_t[t], local[-1]))
+    # 1. The recurrence inside every chunk at once, each chunk from a zero state, and the decay
+    #    from each chunk's start as a running product (factors in (0, 1]: no overflow; a loop
+    #    because torch's cumsum/cumprod over a leading dimension is several times slower here).
+    #    Results go straight into preallocated tensors, so no stacking copy follows.
+    local = torch.empty_like(inp)
+    decay_in = torch.empty_like(decay)
+    local[0], decay_in[0] = inp[0], decay[0]
+    for t in range(1, inp.shape[0]):
+        torch.addcmul(inp[t], decay[t], local[t - 1], out=local[t])
+        torch.mul(decay_in[t - 1], decay[t], out=decay_in[t])
     # 2. Carry true states across chunks: entering(c+1) = decay over chunk c * entering(c) + local end.
-    decay_in = torch.exp(torch.cumsum(log_decay, dim=0))  # from each chunk's start; exponent <= 0
     chunk_decay, chunk_end = decay_in[-1].unbind(-1), local[-1].unbind(-1)
     h = h0 if h0 is not None else torch.zeros_like(chunk_end[0])
     entering = []
@@ -313,7 +319,7 @@ def _chunked_states(log_decay: Tensor, inp: Tensor, h0: Tensor | None) -> tuple[
         h = torch.addcmul(chunk_end[c], chunk_decay[c], h)
     entering_t = torch.stack(entering, dim=-1)
     # 3. Fix-up: add each chunk's entering state, decayed to every position of the chunk.
-    return torch.addcmul(torch.stack(local), decay_in, entering_t), entering_t, h
+    return local.addcmul_(decay_in, entering_t), entering_t, h
 
 
 def _drive(lay: _Layout, du: Tensor, B: Tensor) -> Tensor:
@@ -335,11 +341,11 @@ def _contract(states: Tensor, C_p: Tensor) -> Tensor:
 def _segment_forward(
     u: Tensor, dt: Tensor, A: Tensor, B: Tensor, h0: Tensor | None
 ) -> tuple[_Layout, Tensor, Tensor, Tensor, Tensor]:
-    """(layout, log_decay, states, entering states, final state) of one segment."""
+    """(layout, decay, states, entering states, final state) of one segment."""
     lay = _Layout(u.shape[-1])
-    log_decay = lay.to_pm(dt).unsqueeze(3) * A[:, :, None]  # (T, b, d, n, nc), <= 0 for A <= 0
-    states, entering, last = _chunked_states(log_decay, _drive(lay, dt * u, B), h0)
-    return lay, log_decay, states, entering, last
+    decay = torch.exp(lay.to_pm(dt).unsqueeze(3) * A[:, :, None])  # (T, b, d, n, nc); exp of <= 0
+    states, entering, last = _chunked_states(decay, _drive(lay, dt * u, B), h0)
+    return lay, decay, states, entering, last
 
 
 class _ScanFunction(torch.autograd.Function):
@@ -384,27 +390,27 @@ class _ScanFunction(torch.autograd.Function):
         pieces = list(zip(_split(u, seg), _split(dt, seg), _split(B, seg), C_pieces, _split(gy, seg)))
         for i in range(len(pieces) - 1, -1, -1):
             u_s, dt_s, B_s, C_s, gy_s = pieces[i]
-            lay, log_decay, states, chunk_in, _ = _segment_forward(u_s, dt_s, A, B_s, entering[i])
+            lay, decay, states, chunk_in, _ = _segment_forward(u_s, dt_s, A, B_s, entering[i])
             T, nc = lay.chunk, lay.n_chunks
             # Adjoint g_t = dL/dh_t: in reversed time it is the forward recurrence with decay
             # exp(dt_{t+1} A) and input C_t gy_t, entered from the next segment's gradient.
             # Flipping both layout axes reverses time; the next position's dt is a shift by one.
             rev = [0, -1]
             dt_next = F.pad(dt_s[..., 1:], (0, 1))
-            log_decay_rev = torch.flip(lay.to_pm(dt_next), rev).unsqueeze(3) * A[:, :, None]
+            decay_rev = torch.exp(torch.flip(lay.to_pm(dt_next), rev).unsqueeze(3) * A[:, :, None])
             gy_p = lay.to_pm(gy_s)
             if states_mode:
                 drive_rev = torch.flip(gy_p, rev)
             else:
                 C_p = lay.to_pm(C_s)
                 drive_rev = torch.flip(gy_p, rev).view(T, b, g, dg, 1, nc) * torch.flip(C_p, rev).unsqueeze(3)
-            adj_rev, _, adj_first = _chunked_states(log_decay_rev, drive_rev.view(T, b, d, n, nc), carry)
+            adj_rev, _, adj_first = _chunked_states(decay_rev, drive_rev.view(T, b, d, n, nc), carry)
             adj = torch.flip(adj_rev, rev).view(T, b, g, dg, n, nc)
-            del adj_rev, drive_rev, log_decay_rev
+            del adj_rev, drive_rev, decay_rev
             # The state before each position: the chunk's entering state, then the states shifted.
             previous = torch.cat([chunk_in.unsqueeze(0), states[:-1]], dim=0)
-            d_log_decay = (adj.view(T, b, d, n, nc) * previous).mul_(torch.exp(log_decay))
-            carry = adj_first * torch.exp(log_decay[0, ..., 0])  # dL/d(state entering the segment)
+            d_log_decay = (adj.view(T, b, d, n, nc) * previous).mul_(decay)
+            carry = adj_first * decay[0, ..., 0]  # dL/d(state entering the segment)
             dt_p = lay.to_pm(dt_s)
             du_p = lay.to_pm(dt_s * u_s)
             B_p = lay.to_pm(B_s)
