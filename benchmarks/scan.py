@@ -17,7 +17,7 @@ growth of the process's peak RSS over the call, each measurement in a fresh proc
 With ``--device cuda`` and mamba-ssm importable it also checks the torch scan against the kernel.
 Then SS2D forward on a 256 x 256 x 64 map, batch 1 (target: under 4 GB peak on CPU).
 
-    python benchmarks/scan.py                 # full run on CPU (a few minutes on 2 cores)
+    python benchmarks/scan.py                 # full run on CPU (about 25 minutes, 17 of them the index loop)
     python benchmarks/scan.py --quick         # small shapes, a smoke run
     python benchmarks/scan.py --device cuda   # on a GPU machine, plus the kernel agreement check
 """
