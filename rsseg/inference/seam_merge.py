@@ -18,7 +18,6 @@ OGC-valid form and the one GDAL's polygonize writes.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -31,114 +30,164 @@ def merge_seam_pieces(pieces: Sequence[shapely.Polygon], seam_rows: Iterable[int
     ``pieces`` are parts of one 4-connected region, each polygonized inside one strip of rows;
     ``seam_rows`` are the row coordinates where strips meet. None means an invariant of that
     setting did not hold (a vertex that cannot be linked, not exactly one outer ring); the caller
-    then falls back to a general union.
+    then falls back to a general union. Vectorized throughout but for one loop over integers:
+    a speckled region can have hundreds of thousands of holes and pinches.
     """
     polys = shapely.orient_polygons(np.asarray(pieces, dtype=object))  # shells CCW, holes CW
     rings = shapely.get_rings(polys)
     coords, ring_of = shapely.get_coordinates(rings, return_index=True)
-    xy = coords.astype(np.int64)  # exact: every vertex is a pixel corner
-    ring_ends = np.cumsum(np.bincount(ring_of, minlength=len(rings)))
-    ring_starts = ring_ends - np.bincount(ring_of, minlength=len(rings))
+    # Ring vertices without the closing repeat; exact integers (every vertex is a pixel corner).
+    size = np.bincount(ring_of, minlength=len(rings)) - 1
+    is_open = np.ones(len(coords), dtype=bool)
+    is_open[np.cumsum(size + 1) - 1] = False
+    xy = coords[is_open].astype(np.int64)
+    ring = ring_of[is_open]
+    first = np.cumsum(size) - size  # index of each ring's first vertex in xy
+    pos = np.arange(len(xy)) - first[ring]
+
     # Rings are cut where the union may link them differently from the pieces: on the seams,
     # and at every vertex the rings pass more than once (pinches between or inside pieces).
     seams = np.unique(np.fromiter(seam_rows, dtype=np.int64))
-    cut = np.isin(xy[:, 1], seams)
-    closing = np.zeros(len(xy), dtype=bool)
-    closing[ring_ends - 1] = True
-    keys = (xy[:, 0] << 32) + xy[:, 1]
-    _, vertex_id, counts = np.unique(keys[~closing], return_inverse=True, return_counts=True)
-    cut[~closing] |= counts[vertex_id] > 1
-    touches = np.add.reduceat(cut.astype(np.int64), ring_starts) > 0
+    on_seam = np.isin(xy[:, 1], seams)
+    _, vertex, passes = np.unique(_keys(xy), return_inverse=True, return_counts=True)
+    cut = on_seam | (passes[vertex] > 1)
+    touches = np.bincount(ring, weights=cut, minlength=len(rings)) > 0
 
-    chains: list[np.ndarray] = []  # ring parts from one cut vertex to the next
-    seam_edges: dict[tuple[int, int], list[tuple[int, int, int]]] = defaultdict(list)
-    for r in np.flatnonzero(touches):
-        ring = xy[ring_starts[r] : ring_ends[r] - 1]  # without the closing repeat
-        n = len(ring)
-        cuts = np.flatnonzero(cut[ring_starts[r] : ring_ends[r] - 1])
-        for j, start in enumerate(cuts):
-            stop = cuts[j + 1] if j + 1 < len(cuts) else cuts[0] + n
-            part = ring[np.arange(start, stop + 1) % n]
-            if len(part) == 2 and part[0, 1] == part[1, 1]:
-                # An edge lying on a seam: split into unit edges, so that the edges two pieces
-                # share can be matched one for one whatever their lengths.
-                (x0, y), (x1, _) = part.tolist()
-                step = 1 if x1 > x0 else -1
-                for x in range(x0, x1, step):
-                    seam_edges[(min(x, x + step), y)].append((x, x + step, y))
-            else:
-                chains.append(part)
-    for shared in seam_edges.values():
-        if len(shared) == 1:  # an edge used twice was interior to the union (it ran both ways)
-            x0, x1, y = shared[0]
-            chains.append(np.array([[x0, y], [x1, y]], dtype=np.int64))
+    # Parts of the rings between consecutive cuts (cyclically within a ring).
+    starts = np.flatnonzero(cut)  # in ring order, then position
+    part_ring = ring[starts]
+    ring_first_cut = np.r_[True, part_ring[1:] != part_ring[:-1]]
+    ring_last_cut = np.r_[part_ring[1:] != part_ring[:-1], True]
+    wrap_to = starts[ring_first_cut][np.cumsum(ring_first_cut) - 1]
+    stops = np.where(ring_last_cut, wrap_to, np.roll(starts, -1))
+    n_edges = (pos[stops] - pos[starts]) % size[part_ring]
+    n_edges[n_edges == 0] = size[part_ring][n_edges == 0]  # a ring cut once: the whole ring
 
-    successor = _link(chains)
+    # An edge lying on a seam is split into unit edges, so that the edges two pieces share can
+    # be matched one for one whatever their lengths; a shared edge (met twice, once each way)
+    # is interior to the union and dropped.
+    on_seam_edge = (n_edges == 1) & on_seam[starts] & (xy[starts, 1] == xy[stops, 1])
+    x0, x1, y = xy[starts[on_seam_edge], 0], xy[stops[on_seam_edge], 0], xy[starts[on_seam_edge], 1]
+    length, step = np.abs(x1 - x0), np.sign(x1 - x0)
+    edge = np.repeat(np.arange(len(x0)), length)
+    k = np.arange(len(edge)) - np.repeat(np.cumsum(length) - length, length)
+    unit_x0 = x0[edge] + step[edge] * k
+    unit_x1 = unit_x0 + step[edge]
+    unit_y = y[edge]
+    _, unit, uses = np.unique(_keys(np.stack([np.minimum(unit_x0, unit_x1), unit_y], 1)),
+                              return_inverse=True, return_counts=True)
+    if (uses > 2).any():
+        return None
+    kept = uses[unit] == 1
+    unit_x0, unit_x1, unit_y = unit_x0[kept], unit_x1[kept], unit_y[kept]
+
+    # Chains: the ring parts off the seam edges, then the kept unit edges. Each is emitted as
+    # its vertices but the last: ``n`` vertices of ``table`` from ``base + offset`` on, modulo
+    # ``period`` (a ring's size; 1 for a unit edge, whose start is appended to the table).
+    part = ~on_seam_edge
+    p_start, p_stop, p_ring = starts[part], stops[part], part_ring[part]
+    n_units = len(unit_x0)
+    unit_start = np.stack([unit_x0, unit_y], 1)
+    unit_dir = np.stack([unit_x1 - unit_x0, np.zeros_like(unit_y)], 1)
+    table = np.concatenate([xy, unit_start])
+    base = np.concatenate([first[p_ring], len(xy) + np.arange(n_units)])
+    offset = np.concatenate([pos[p_start], np.zeros(n_units, dtype=np.int64)])
+    period = np.concatenate([size[p_ring], np.ones(n_units, dtype=np.int64)])
+    n = np.concatenate([n_edges[part], np.ones(n_units, dtype=np.int64)])
+    begin = np.concatenate([xy[p_start], unit_start])
+    end = np.concatenate([xy[p_stop], np.stack([unit_x1, unit_y], 1)])
+    after_begin = first[p_ring] + (pos[p_start] + 1) % size[p_ring]
+    before_end = first[p_ring] + (pos[p_stop] - 1) % size[p_ring]
+    first_dir = np.concatenate([xy[after_begin] - xy[p_start], unit_dir])
+    last_dir = np.concatenate([xy[p_stop] - xy[before_end], unit_dir])
+
+    successor = _link(begin, end, first_dir, last_dir)
     if successor is None:
         return None
-    shell, holes = None, []
-    visited = np.zeros(len(chains), dtype=bool)
-    for first in range(len(chains)):
-        if visited[first]:
-            continue
-        parts, c = [], first
-        while not visited[c]:
-            visited[c] = True
-            parts.append(chains[c][:-1])
-            c = successor[c]
-        if c != first:
-            return None
-        ring = _drop_collinear(np.concatenate(parts))
-        if _twice_signed_area(ring) > 0:
-            if shell is not None:
-                return None
-            shell = ring
-        else:
-            holes.append(ring)
-    if shell is None:
+    chain_order, cycle_chains = _cycles(successor)
+    if chain_order is None:
         return None
-    hole_rings = [shapely.linearrings(h.astype(np.float64)) for h in holes]
+    lens = n[chain_order]
+    chain = np.repeat(chain_order, lens)
+    k = np.arange(len(chain)) - np.repeat(np.cumsum(lens) - lens, lens)
+    cycle_xy = table[base[chain] + (offset[chain] + k) % period[chain]]
+    cycle_sizes = np.add.reduceat(lens, np.cumsum(cycle_chains) - cycle_chains)
+    new_rings, positive = _rings_from_cycles(cycle_xy, cycle_sizes)
+    if positive.sum() != 1:  # exactly one outer ring: the region is 4-connected
+        return None
     # A ring without cuts is a hole, copied as it is: a piece's shell always reaches a seam
     # (or the piece would not need merging), and a hole is closed inside its strip.
-    hole_rings += list(rings[~touches])
-    return shapely.polygons(shapely.linearrings(shell.astype(np.float64)), holes=hole_rings or None)
+    holes = np.concatenate([new_rings[~positive], rings[~touches]])
+    return shapely.polygons(new_rings[positive][0], holes=holes if len(holes) else None)
 
 
-def _link(chains: list[np.ndarray]) -> list[int] | None:
-    """For every chain, the chain that continues it at its end vertex (None if ambiguous)."""
-    starting_at: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for i, chain in enumerate(chains):
-        starting_at[(int(chain[0, 0]), int(chain[0, 1]))].append(i)
-    successor = [-1] * len(chains)
-    for i, chain in enumerate(chains):
-        options = starting_at.get((int(chain[-1, 0]), int(chain[-1, 1])), [])
-        if len(options) == 1:
-            successor[i] = options[0]
-            continue
-        d_in = chain[-1] - chain[-2]
-        right = [o for o in options if _cross(d_in, chains[o][1] - chains[o][0]) < 0]
-        if len(right) != 1:
+def _keys(xy: np.ndarray) -> np.ndarray:
+    """One int64 per vertex (pixel corners are non-negative and below 2**31)."""
+    return (xy[:, 0] << 32) + xy[:, 1]
+
+
+def _link(begin: np.ndarray, end: np.ndarray, first_dir: np.ndarray, last_dir: np.ndarray) -> np.ndarray | None:
+    """For every chain, the chain that continues it at its end vertex (None if none fits).
+
+    A vertex has one or two chains leaving it; with two (a pinch) the ring turns right.
+    """
+    begin_keys = _keys(begin)
+    order = np.argsort(begin_keys, kind="stable")
+    sorted_keys = begin_keys[order]
+    end_keys = _keys(end)
+    lo = np.searchsorted(sorted_keys, end_keys, "left")
+    options = np.searchsorted(sorted_keys, end_keys, "right") - lo
+    if ((options < 1) | (options > 2)).any():
+        return None
+    successor = order[lo]
+    two = np.flatnonzero(options == 2)
+    if len(two):
+        a, b = order[lo[two]], order[lo[two] + 1]
+        d_in = last_dir[two]
+        right_a = d_in[:, 0] * first_dir[a, 1] - d_in[:, 1] * first_dir[a, 0] < 0
+        right_b = d_in[:, 0] * first_dir[b, 1] - d_in[:, 1] * first_dir[b, 0] < 0
+        if (right_a == right_b).any():
             return None
-        successor[i] = right[0]
-    if sorted(successor) != list(range(len(chains))):
+        successor[two] = np.where(right_a, a, b)
+    if (np.bincount(successor, minlength=len(begin)) != 1).any():  # not a permutation
         return None
     return successor
 
 
-def _cross(a: np.ndarray, b: np.ndarray) -> int:
-    return int(a[0] * b[1] - a[1] * b[0])
+def _cycles(successor: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """Chains in cycle order, and how many chains each cycle has (one loop over integers)."""
+    nxt = successor.tolist()
+    visited = bytearray(len(nxt))
+    order: list[int] = []
+    counts: list[int] = []
+    for head in range(len(nxt)):
+        if visited[head]:
+            continue
+        c, count = head, 0
+        while not visited[c]:
+            visited[c] = 1
+            order.append(c)
+            c = nxt[c]
+            count += 1
+        if c != head:
+            return None, np.zeros(0, dtype=np.int64)
+        counts.append(count)
+    return np.asarray(order, dtype=np.int64), np.asarray(counts, dtype=np.int64)
 
 
-def _drop_collinear(ring: np.ndarray) -> np.ndarray:
-    """Vertices where the ring turns, closed (the seam edges were split into unit edges)."""
-    d_in = ring - np.roll(ring, 1, axis=0)
-    d_out = np.roll(ring, -1, axis=0) - ring
+def _rings_from_cycles(xy: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Linear rings from vertex cycles (consecutive in ``xy``, not closed), keeping only the
+    vertices where a ring turns (seam edges were split into unit edges), and whether each ring
+    is counter-clockwise."""
+    ring_id = np.repeat(np.arange(len(sizes)), sizes)
+    starts = np.cumsum(sizes) - sizes
+    offset = np.arange(len(xy)) - starts[ring_id]
+    previous = starts[ring_id] + (offset - 1) % sizes[ring_id]
+    following = starts[ring_id] + (offset + 1) % sizes[ring_id]
+    d_in, d_out = xy - xy[previous], xy[following] - xy
     turns = d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0] != 0
-    kept = ring[turns]
-    return np.concatenate([kept, kept[:1]])
-
-
-def _twice_signed_area(ring: np.ndarray) -> int:
-    x, y = ring[:-1, 0], ring[:-1, 1]
-    xn, yn = ring[1:, 0], ring[1:, 1]
-    return int(np.sum(x * yn - xn * y))
+    # Twice the signed area (shoelace): sums of integers far inside float64's exact range.
+    cross = xy[:, 0] * xy[following, 1] - xy[following, 0] * xy[:, 1]
+    positive = np.bincount(ring_id, weights=cross, minlength=len(sizes)) > 0
+    rings = shapely.linearrings(xy[turns].astype(np.float64), indices=ring_id[turns])
+    return rings, positive
