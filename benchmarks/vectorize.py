@@ -1,12 +1,15 @@
 """Benchmark: blockwise polygonize + merge over whole-raster ``rasterio.features.shapes``.
 
-    python benchmarks/vectorize.py [--size 8192] [--block-rows N]
+    python benchmarks/vectorize.py [--size 8192] [--block-rows N] [--speckle P]
 
 Both sides produce polygons in pixel coordinates from the same class raster (a land-cover-like
 map of smooth regions written block by block); the ratio is blockwise time / whole time,
 measured in the same run (target: at most 1.5), and the polygon sets are checked to be
 identical vertex for vertex (normalized WKB, sorted with the class ids). ``--block-rows`` defaults
 to what ``rsseg vectorize`` uses (about 32 Mpx per strip); smaller strips mean more seams to merge.
+``--speckle P`` replaces the map by independent pixels, class 1 with probability P: above the
+percolation threshold (P > 0.593) one region spans the raster with pinches and holes everywhere,
+the hardest case for the seam merge.
 """
 
 from __future__ import annotations
@@ -46,6 +49,16 @@ def write_class_raster(path: Path, size: int, classes: int = 6, block: int = 204
     return path
 
 
+def write_speckle_raster(path: Path, size: int, p: float) -> Path:
+    rng = np.random.default_rng(0)
+    classes = (rng.random((size, size)) < p).astype(np.uint8)
+    with rasterio.open(path, "w", driver="GTiff", height=size, width=size, count=1, dtype="uint8",
+                       nodata=255, tiled=True, compress="deflate", crs="EPSG:32632",
+                       transform=rasterio.Affine(0.5, 0, 500000, 0, -0.5, 5400000)) as dst:
+        dst.write(classes, 1)
+    return path
+
+
 def _normalized(geoms, ids) -> list[tuple[int, bytes]]:
     return sorted(zip(ids, shapely.to_wkb(shapely.normalize(np.asarray(geoms, dtype=object)))))
 
@@ -54,9 +67,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=8192)
     parser.add_argument("--block-rows", type=int, default=None)
+    parser.add_argument("--speckle", type=float, default=None, metavar="P")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_class_raster(Path(tmp) / "classes.tif", args.size)
+        path = Path(tmp) / "classes.tif"
+        if args.speckle is None:
+            write_class_raster(path, args.size)
+        else:
+            write_speckle_raster(path, args.size, args.speckle)
         t0 = time.perf_counter()
         whole_geoms, whole_ids = polygonize_whole(path)
         whole = time.perf_counter() - t0
@@ -65,7 +83,7 @@ def main() -> None:
         blockwise = time.perf_counter() - t0
     identical = _normalized(whole_geoms, whole_ids) == _normalized(block_geoms, block_ids)
     print(json.dumps({
-        "benchmark": "vectorize", "size": args.size,
+        "benchmark": "vectorize", "size": args.size, "speckle": args.speckle,
         "block_rows": args.block_rows or auto_block_rows(args.size),
         "polygons": len(whole_geoms), "whole_s": round(whole, 2), "blockwise_s": round(blockwise, 2),
         "ratio": round(blockwise / whole, 3), "target": 1.5, "identical": identical,
