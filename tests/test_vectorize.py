@@ -114,6 +114,17 @@ def test_seam_merge_closes_a_hole_across_a_seam_and_splits_a_pinch():
     assert merged.area == region.sum()
 
 
+def test_seam_merge_declines_pieces_that_are_not_one_region():
+    """Two pieces that do not share a seam edge are not one region: the merge says so (None) and
+    the caller falls back to a general union instead of inventing a polygon."""
+    from rsseg.inference.seam_merge import merge_seam_pieces
+
+    apart = [shapely.box(0, 0, 2, 2), shapely.box(3, 2, 5, 4)]
+    corner = [shapely.box(0, 0, 2, 2), shapely.box(2, 2, 4, 4)]  # diagonal: 4-connectivity splits
+    assert merge_seam_pieces(apart, [2]) is None
+    assert merge_seam_pieces(corner, [2]) is None
+
+
 @pytest.mark.parametrize("block_rows", [1, 7, 32, 1000])
 def test_blockwise_polygons_equal_whole_raster_polygons(tmp_path, block_rows):
     classes = blobs(120, 90, seed=block_rows)

@@ -112,6 +112,8 @@ def merge_seam_pieces(pieces: Sequence[shapely.Polygon], seam_rows: Iterable[int
     k = np.arange(len(chain)) - np.repeat(np.cumsum(lens) - lens, lens)
     cycle_xy = table[base[chain] + (offset[chain] + k) % period[chain]]
     cycle_sizes = np.add.reduceat(lens, np.cumsum(cycle_chains) - cycle_chains)
+    if _passes_a_vertex_twice(cycle_xy, cycle_sizes):
+        return None  # pieces meeting only at a corner: not one 4-connected region
     new_rings, positive = _rings_from_cycles(cycle_xy, cycle_sizes)
     if positive.sum() != 1:  # exactly one outer ring: the region is 4-connected
         return None
@@ -173,6 +175,15 @@ def _cycles(successor: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
             return None, np.zeros(0, dtype=np.int64)
         counts.append(count)
     return np.asarray(order, dtype=np.int64), np.asarray(counts, dtype=np.int64)
+
+
+def _passes_a_vertex_twice(xy: np.ndarray, sizes: np.ndarray) -> bool:
+    """Whether some cycle visits one vertex twice (never, for one 4-connected region)."""
+    cycle = np.repeat(np.arange(len(sizes)), sizes)
+    keys = _keys(xy)
+    order = np.lexsort((keys, cycle))
+    keys, cycle = keys[order], cycle[order]
+    return bool(((keys[1:] == keys[:-1]) & (cycle[1:] == cycle[:-1])).any())
 
 
 def _rings_from_cycles(xy: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

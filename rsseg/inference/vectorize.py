@@ -7,7 +7,7 @@ Regions that continue across the seam between two strips are found by comparing 
 the two pixel rows that meet at the seam (same class, same column), joined with a union-find,
 and their pieces merged (``rsseg.inference.seam_merge``: shared seam edges dropped, rings
 re-linked). Pixel corners are integers in the working coordinates, so the merge is exact and the
-result equals whole-raster polygonization polygon for polygon.
+result equals whole-raster polygonization vertex for vertex (tests/test_vectorize.py).
 
 Simplification uses ``shapely.coverage_simplify``, which simplifies each shared border once, so
 neighbours keep meeting without gaps or overlaps; the outer boundary (scene and nodata edges) is
