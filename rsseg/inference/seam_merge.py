@@ -11,9 +11,8 @@ and at the vertices the rings pass more than once. Every other vertex is copied 
 
 Where four pixels meet at a vertex with the region on two diagonal ones (a pinch, which merging
 can create anywhere two pieces touch at a corner), the rings are linked so that they turn right,
-around the outside pixel. That keeps the rings
-apart at the pinch, so a hole touching the shell at a point stays a separate ring, which is the
-OGC-valid form and the one GDAL's polygonize writes.
+around the outside pixel. That keeps the rings apart at the pinch, so a hole touching the shell
+at a point stays a separate ring, which is the OGC-valid form and the one GDAL's polygonize writes.
 """
 
 from __future__ import annotations
@@ -41,9 +40,8 @@ def merge_seam_pieces(pieces: Sequence[shapely.Polygon], seam_rows: Iterable[int
     is_open = np.ones(len(coords), dtype=bool)
     is_open[np.cumsum(size + 1) - 1] = False
     xy = coords[is_open].astype(np.int64)
-    ring = ring_of[is_open]
+    ring, pos = _runs(size)
     first = np.cumsum(size) - size  # index of each ring's first vertex in xy
-    pos = np.arange(len(xy)) - first[ring]
 
     # Rings are cut where the union may link them differently from the pieces: on the seams,
     # and at every vertex the rings pass more than once (pinches between or inside pieces).
@@ -60,8 +58,8 @@ def merge_seam_pieces(pieces: Sequence[shapely.Polygon], seam_rows: Iterable[int
     ring_last_cut = np.r_[part_ring[1:] != part_ring[:-1], True]
     wrap_to = starts[ring_first_cut][np.cumsum(ring_first_cut) - 1]
     stops = np.where(ring_last_cut, wrap_to, np.roll(starts, -1))
-    n_edges = (pos[stops] - pos[starts]) % size[part_ring]
-    n_edges[n_edges == 0] = size[part_ring][n_edges == 0]  # a ring cut once: the whole ring
+    # In 1 .. size: a ring cut once is one part, the whole ring.
+    n_edges = (pos[stops] - pos[starts] - 1) % size[part_ring] + 1
 
     # An edge lying on a seam is split into unit edges, so that the edges two pieces share can
     # be matched one for one whatever their lengths; a shared edge (met twice, once each way)
@@ -69,8 +67,7 @@ def merge_seam_pieces(pieces: Sequence[shapely.Polygon], seam_rows: Iterable[int
     on_seam_edge = (n_edges == 1) & on_seam[starts] & (xy[starts, 1] == xy[stops, 1])
     x0, x1, y = xy[starts[on_seam_edge], 0], xy[stops[on_seam_edge], 0], xy[starts[on_seam_edge], 1]
     length, step = np.abs(x1 - x0), np.sign(x1 - x0)
-    edge = np.repeat(np.arange(len(x0)), length)
-    k = np.arange(len(edge)) - np.repeat(np.cumsum(length) - length, length)
+    edge, k = _runs(length)
     unit_x0 = x0[edge] + step[edge] * k
     unit_x1 = unit_x0 + step[edge]
     unit_y = y[edge]
@@ -108,8 +105,8 @@ def merge_seam_pieces(pieces: Sequence[shapely.Polygon], seam_rows: Iterable[int
     if chain_order is None:
         return None
     lens = n[chain_order]
-    chain = np.repeat(chain_order, lens)
-    k = np.arange(len(chain)) - np.repeat(np.cumsum(lens) - lens, lens)
+    in_order, k = _runs(lens)
+    chain = chain_order[in_order]
     cycle_xy = table[base[chain] + (offset[chain] + k) % period[chain]]
     cycle_sizes = np.add.reduceat(lens, np.cumsum(cycle_chains) - cycle_chains)
     if _passes_a_vertex_twice(cycle_xy, cycle_sizes):
@@ -121,6 +118,12 @@ def merge_seam_pieces(pieces: Sequence[shapely.Polygon], seam_rows: Iterable[int
     # (or the piece would not need merging), and a hole is closed inside its strip.
     holes = np.concatenate([new_rings[~positive], rings[~touches]])
     return shapely.polygons(new_rings[positive][0], holes=holes if len(holes) else None)
+
+
+def _runs(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For runs of these lengths laid end to end: each element's run, and its offset in the run."""
+    run = np.repeat(np.arange(len(lengths)), lengths)
+    return run, np.arange(len(run)) - (np.cumsum(lengths) - lengths)[run]
 
 
 def _keys(xy: np.ndarray) -> np.ndarray:
@@ -179,7 +182,7 @@ def _cycles(successor: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
 
 def _passes_a_vertex_twice(xy: np.ndarray, sizes: np.ndarray) -> bool:
     """Whether some cycle visits one vertex twice (never, for one 4-connected region)."""
-    cycle = np.repeat(np.arange(len(sizes)), sizes)
+    cycle, _ = _runs(sizes)
     keys = _keys(xy)
     order = np.lexsort((keys, cycle))
     keys, cycle = keys[order], cycle[order]
@@ -190,11 +193,10 @@ def _rings_from_cycles(xy: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, n
     """Linear rings from vertex cycles (consecutive in ``xy``, not closed), keeping only the
     vertices where a ring turns (seam edges were split into unit edges), and whether each ring
     is counter-clockwise."""
-    ring_id = np.repeat(np.arange(len(sizes)), sizes)
-    starts = np.cumsum(sizes) - sizes
-    offset = np.arange(len(xy)) - starts[ring_id]
-    previous = starts[ring_id] + (offset - 1) % sizes[ring_id]
-    following = starts[ring_id] + (offset + 1) % sizes[ring_id]
+    ring_id, offset = _runs(sizes)
+    ring_start = np.arange(len(xy)) - offset
+    previous = ring_start + (offset - 1) % sizes[ring_id]
+    following = ring_start + (offset + 1) % sizes[ring_id]
     d_in, d_out = xy - xy[previous], xy[following] - xy
     turns = d_in[:, 0] * d_out[:, 1] - d_in[:, 1] * d_out[:, 0] != 0
     # Twice the signed area (shoelace): sums of integers far inside float64's exact range.
