@@ -15,6 +15,7 @@ a single process.
 from __future__ import annotations
 
 import atexit
+import functools
 import math
 import os
 import queue
@@ -23,7 +24,7 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import rasterio
@@ -415,6 +416,18 @@ def weight_sums(grid: list[list[Window]], height: int, width: int, tile: int, ov
 GDAL_CACHE_MB = 128
 
 
+def _with_gdal_cache(fn: Callable[..., SceneResult]) -> Callable[..., SceneResult]:
+    """Run ``fn`` under a fixed GDAL block cache (see GDAL_CACHE_MB)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> SceneResult:
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_with_gdal_cache
 def predict_scene(
     scene: Path,
     model: nn.Module,
@@ -433,23 +446,6 @@ def predict_scene(
     names only when complete; on any error or interrupt the partial files are removed. Under
     torchrun pass ``rank``/``world_size``/``barrier`` from :func:`distributed_context`.
     """
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-        return _predict_scene(scene, model, meta, classes_out, confidence_out, options, rank=rank,
-                              world_size=world_size, barrier=barrier)
-
-
-def _predict_scene(
-    scene: Path,
-    model: nn.Module,
-    meta: Any,
-    classes_out: Path,
-    confidence_out: Path | None = None,
-    options: PredictOptions | None = None,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    barrier: Any = None,
-) -> SceneResult:
     options = options or PredictOptions()
     spec = meta if isinstance(meta, InputSpec) else InputSpec.from_meta(meta)
     check_tile_overlap(options.tile, options.overlap)
