@@ -35,12 +35,7 @@ class ConvBNReLU(nn.Sequential):
     def __init__(
         self, in_ch: int, out_ch: int, kernel_size: int = 3, stride: int = 1, dilation: int = 1
     ) -> None:
-        padding = dilation * (kernel_size - 1) // 2
-        super().__init__(
-            nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, dilation=dilation, bias=False),
-            nn.BatchNorm2d(out_ch),
-            nn.ReLU(inplace=True),
-        )
+        super().__init__(*ConvBN(in_ch, out_ch, kernel_size, stride, dilation), nn.ReLU(inplace=True))
 
 
 class SeparableConvBN(nn.Sequential):
