@@ -27,7 +27,7 @@ from torch import nn
 from rsseg.errors import UsageError, unknown_name
 
 # Files in rsseg/models that hold shared building blocks, not registered networks.
-_NOT_MODEL_MODULES = {"registry", "layers"}
+_NOT_MODEL_MODULES = {"registry", "layers", "checkpoints"}
 
 
 @dataclass(frozen=True)
