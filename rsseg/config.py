@@ -35,6 +35,11 @@ class AugmentConfig:
     smart_crop_tries: int = 10
     # Probability of building a sample as a mosaic of four patches.
     mosaic_p: float = 0.25
+    # Colour jitter (Reload-Mamba section 4.1): strength s of random brightness / contrast /
+    # saturation factors drawn in [1 - s, 1 + s], applied with probability color_jitter_p.
+    # 0 disables it (GeoSeg's protocol has none).
+    color_jitter: float = 0.0
+    color_jitter_p: float = 0.5
 
 
 @dataclass
