@@ -259,3 +259,83 @@ def test_a_crop_too_small_for_batchnorm_is_a_usage_error(prepared, tmp_path):
                epochs=1, run_name="small")
     with pytest.raises(UsageError, match="crop 32 px at batch size 1 is too small for unet-r18"):
         train(cfg)
+
+
+def _metric_rows(csv_path: Path, column: str) -> list[tuple[int, float]]:
+    """(step, value) of every row of a Lightning metrics.csv that has ``column``."""
+    import csv
+
+    with open(csv_path) as f:
+        return [(int(r["step"]), float(r[column])) for r in csv.DictReader(f) if r.get(column)]
+
+
+def _steps_per_epoch(prepared: Path, batch_size: int) -> int:
+    from rsseg.data.patches import PatchDataset
+
+    n = len(PatchDataset(prepared, "train"))
+    return n // batch_size if n >= batch_size else 1
+
+
+def test_a_run_ending_between_validations_keeps_and_validates_its_final_step(prepared, tmp_path):
+    per_epoch = _steps_per_epoch(prepared, 4)
+    final = 2 * per_epoch + 1  # one step past the regular validation after epoch 2
+    cfg = _cfg(prepared, tmp_path, epochs=-1, max_steps=final, batch_size=4, val_every=2,
+               run_name="between")
+    result = train(cfg)
+    last = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
+    assert last["global_step"] == final
+    vals = _metric_rows(result.metrics_csv, "val_mIoU")
+    assert [step for step, _ in vals] == [2 * per_epoch - 1, final - 1]  # Lightning logs step - 1
+    # best is chosen over every validation, the final one included.
+    best = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
+    best_score = max(v for _, v in vals)
+    assert result.best_val_miou == pytest.approx(best_score)
+    assert best["global_step"] == (final if vals[-1][1] >= vals[0][1] else 2 * per_epoch)
+    # The bundle holds the best checkpoint's weights.
+    from rsseg.bundle import load_bundle
+
+    model, _ = load_bundle(result.bundle_path)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, best["state_dict"]["model." + key])
+
+
+def test_epochs_not_a_multiple_of_the_validation_period_validate_the_last_epoch(prepared, tmp_path):
+    per_epoch = _steps_per_epoch(prepared, 4)
+    cfg = _cfg(prepared, tmp_path, epochs=3, batch_size=4, val_every=2, run_name="odd")
+    result = train(cfg)
+    vals = _metric_rows(result.metrics_csv, "val_mIoU")
+    assert [step + 1 for step, _ in vals] == [2 * per_epoch, 3 * per_epoch]
+    last = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
+    assert last["global_step"] == 3 * per_epoch
+
+
+def test_resume_from_a_final_step_between_validations_continues_from_it(prepared, tmp_path):
+    per_epoch = _steps_per_epoch(prepared, 4)
+    first = per_epoch + 2
+    cfg = _cfg(prepared, tmp_path, epochs=-1, max_steps=first, batch_size=4, val_every=1,
+               run_name="resume-between")
+    train(cfg)
+    saved = torch.load(tmp_path / "resume-between" / "checkpoints" / "last.ckpt",
+                       map_location="cpu", weights_only=True)
+    assert saved["global_step"] == first
+    resumed = train(cfg.replace(resume="last", max_steps=first + 3))
+    last = torch.load(resumed.last_checkpoint, map_location="cpu", weights_only=True)
+    assert last["global_step"] == first + 3  # three more steps from the final one, none redone
+    # The resumed run ends between regular validations (6 steps an epoch) and validates there.
+    assert len(_metric_rows(resumed.metrics_csv, "val_mIoU")) == 1
+
+
+def test_the_learning_rate_curve_of_each_group_is_logged(prepared, tmp_path):
+    import math
+
+    total = 3 * _steps_per_epoch(prepared, 4)
+    cfg = _cfg(prepared, tmp_path, epochs=-1, max_steps=total, batch_size=4, scheduler="cosine",
+               lr=1e-2, backbone_lr=1e-3, run_name="lr-curve")
+    result = train(cfg)
+    header = result.metrics_csv.read_text().splitlines()[0].split(",")
+    assert {"lr/head", "lr/head_no_decay"} <= set(header), header  # the fcn has no backbone
+    for column in ("lr/head", "lr/head_no_decay"):
+        curve = _metric_rows(result.metrics_csv, column)
+        assert len(curve) >= 3
+        for step, value in curve:  # the logged rate is the schedule's at that step
+            assert value == pytest.approx(0.5 * 1e-2 * (1 + math.cos(math.pi * step / total)))

@@ -122,10 +122,35 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
+def _final_step_callback():
+    """A Lightning callback that makes the run's final training step a validation point.
+
+    Lightning validates only at its regular period (every ``val_every`` epochs); a run that ends
+    between two of them (``max_steps``, or a number of epochs that is not a multiple) would keep
+    checkpoints and a bundle from the last regular validation and throw the steps after it
+    away. Requesting a stop on the final batch makes Lightning run one more validation there
+    (it validates whenever a stop is requested), so ``last.ckpt`` is the final step and ``best``
+    is chosen over every validation, the final one included.
+    """
+    from lightning.pytorch.callbacks import Callback
+
+    class StopAtFinalStep(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            steps_done = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+            last_epoch = trainer.max_epochs is not None and trainer.max_epochs > 0 and (
+                trainer.current_epoch >= trainer.max_epochs - 1
+                and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+            )
+            if steps_done or last_epoch:
+                trainer.should_stop = True
+
+    return StopAtFinalStep()
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.dataset``; returns where the bundle and logs are."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
     from torch.utils.data import DataLoader
 
@@ -205,6 +230,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
         multi = (isinstance(cfg.devices, int) and cfg.devices > 1) or cfg.num_nodes > 1
         steps_per_epoch = max(1, len(train_loader))
+        # The learning-rate curve of every parameter group goes into metrics.csv.
+        callbacks = [checkpoint, _final_step_callback(),
+                     LearningRateMonitor(logging_interval="step")]
         trainer = L.Trainer(
             accelerator=cfg.accelerator,
             devices=cfg.devices,
@@ -213,13 +241,17 @@ def train(cfg: TrainConfig) -> TrainResult:
             precision=_precision(cfg),
             max_epochs=cfg.epochs if cfg.epochs > 0 else -1,
             max_steps=cfg.max_steps,
-            callbacks=[checkpoint],
+            callbacks=callbacks,
             logger=loggers,
             default_root_dir=str(run_dir),
             enable_model_summary=False,
             enable_progress_bar=cfg.progress,
             log_every_n_steps=min(50, steps_per_epoch),
-            check_val_every_n_epoch=cfg.val_every,
+            # Validation every ``val_every`` epochs, counted in training batches across epochs
+            # (check_val_every_n_epoch=None), so that the final-step validation is not limited
+            # to epochs that are multiples of val_every.
+            check_val_every_n_epoch=None,
+            val_check_interval=steps_per_epoch * max(1, cfg.val_every),
             limit_val_batches=cfg.limit_val_batches,
             num_sanity_val_steps=0,
             gradient_clip_val=cfg.grad_clip,

@@ -1,8 +1,10 @@
 """LightningModule wrapping any registered network for training and validation.
 
 Normalisation ((x - mean) / std, per band, in source units) happens here on the device, with the
-same numbers the model bundle records. Optimiser: AdamW with two parameter groups: parameters
-whose name starts with ``backbone.`` or ``encoder.`` (the smp convention) get ``backbone_lr``.
+same numbers the model bundle records. Optimiser: AdamW with up to four parameter groups (see
+:func:`optimizer_groups`): parameters whose name starts with ``backbone.`` or ``encoder.`` (the smp
+convention) get ``backbone_lr``; norms, biases, layer scales, position/bias tables and Mamba's
+``A_log`` / ``D`` get no weight decay, as the papers' code bases do.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from rsseg.train.losses import SegmentationLoss, split_outputs
 from rsseg.train.metrics import confusion_matrix, scores_from_confusion
 
 BACKBONE_PREFIXES = ("backbone.", "encoder.")
+# Parameter names (last component) that never get weight decay whatever their shape: Mamba's
+# state matrix and skip (mamba-ssm / VMamba mark them ``_no_weight_decay``), and the position /
+# relative-bias tables of Swin, natten-style attention and RMT (timm's ``no_weight_decay`` sets).
+NO_DECAY_NAMES = ("A_log", "A_logs", "D", "Ds", "relative_position_bias_table", "rpb",
+                  "pos_embed", "absolute_pos_embed", "relative_position_table")
 
 
 class NonFiniteLossError(RssegError):
@@ -33,6 +40,94 @@ def split_backbone_parameters(model: nn.Module) -> tuple[list[nn.Parameter], lis
             continue
         (backbone if name.startswith(BACKBONE_PREFIXES) else rest).append(param)
     return backbone, rest
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    """Names the model itself exempts from weight decay (timm's ``no_weight_decay()`` hook)."""
+    hook = getattr(model, "no_weight_decay", None)
+    names = set(hook()) if callable(hook) else set()
+    for prefix, child in model.named_modules():
+        child_hook = getattr(child, "no_weight_decay", None)
+        if prefix and callable(child_hook):
+            names |= {f"{prefix}.{n}" for n in child_hook()}
+    return names
+
+
+def is_no_decay(name: str, param: nn.Parameter, exempt: set[str] = frozenset()) -> bool:
+    """Whether ``param`` is one that weight decay must not shrink.
+
+    One-dimensional tensors (biases, norm scales, layer scales, D) and scalars carry no
+    spatial filter to regularise; ``A_log`` and the position tables are learnt constants whose
+    decay would bias the model (mamba-ssm, VMamba, timm all exclude them).
+    """
+    return (
+        param.ndim <= 1
+        or getattr(param, "_no_weight_decay", False)
+        or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
+        or name in exempt
+    )
+
+
+def optimizer_groups(
+    model: nn.Module, lr: float, backbone_lr: float, weight_decay: float
+) -> list[dict[str, Any]]:
+    """AdamW parameter groups: (head | backbone) x (decay | no decay), empty ones left out.
+
+    Each group carries a ``name`` ("head", "head_no_decay", "backbone", "backbone_no_decay") so
+    that the learning-rate log and the tests can tell them apart.
+    """
+    exempt = _no_decay_names(model)
+    buckets: dict[str, list[nn.Parameter]] = {
+        "head": [], "head_no_decay": [], "backbone": [], "backbone_no_decay": []}  # fmt: skip
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = "backbone" if name.startswith(BACKBONE_PREFIXES) else "head"
+        buckets[part + ("_no_decay" if is_no_decay(name, param, exempt) else "")].append(param)
+    groups = []
+    for key, params in buckets.items():
+        if params:
+            groups.append({
+                "name": key,
+                "params": params,
+                "lr": backbone_lr if key.startswith("backbone") else lr,
+                "weight_decay": 0.0 if key.endswith("no_decay") else weight_decay,
+            })  # fmt: skip
+    return groups
+
+
+def restart_cycle_ends(t_0: int, t_mult: int, epochs: int) -> list[int]:
+    """Epoch counts at which CosineAnnealingWarmRestarts(T_0, T_mult) finishes a cycle, up to
+    ``epochs`` (e.g. 15, 45, 105 for GeoSeg's T_0 15 / T_mult 2)."""
+    ends, length, total = [], t_0, 0
+    while total + length <= epochs:
+        total += length
+        ends.append(total)
+        length *= t_mult
+    return ends
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, kind: str, *, t_0: int, t_mult: int, total_steps: int
+) -> dict[str, Any] | None:
+    """The learning-rate schedule as Lightning's ``lr_scheduler`` entry (None for "none").
+
+    ``cosine_restarts`` steps once per epoch (GeoSeg); ``cosine`` and ``poly`` (power 0.9) step
+    per optimizer step over ``total_steps``.
+    """
+    if kind == "none":
+        return None
+    if kind == "cosine_restarts":
+        sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=t_0, T_mult=t_mult)
+        return {"scheduler": sched, "interval": "epoch", "name": "lr"}
+    if kind in ("cosine", "poly"):
+        total = max(1, int(total_steps))
+        if kind == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        else:
+            sched = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=0.9)
+        return {"scheduler": sched, "interval": "step", "name": "lr"}
+    raise UsageError(f"unknown scheduler {kind!r}; valid: cosine_restarts, cosine, poly, none")
 
 
 class SegmentationModule(L.LightningModule):
@@ -119,24 +214,14 @@ class SegmentationModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         cfg = self.optim_cfg
-        backbone, rest = split_backbone_parameters(self.model)
         backbone_lr = cfg["backbone_lr"] if cfg["backbone_lr"] is not None else cfg["lr"]
-        groups = [g for g in ({"params": rest, "lr": cfg["lr"]},
-                              {"params": backbone, "lr": backbone_lr}) if g["params"]]
+        groups = optimizer_groups(self.model, cfg["lr"], backbone_lr, cfg["weight_decay"])
         optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        kind = cfg["scheduler"]
-        if kind == "none":
+        total = cfg["total_steps"]
+        if cfg["scheduler"] in ("cosine", "poly") and total <= 0:
+            total = self.trainer.estimated_stepping_batches
+        sched = build_scheduler(optimizer, cfg["scheduler"], t_0=cfg["t_0"], t_mult=cfg["t_mult"],
+                                total_steps=total)
+        if sched is None:
             return optimizer
-        if kind == "cosine_restarts":
-            sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-                optimizer, T_0=cfg["t_0"], T_mult=cfg["t_mult"])
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-        if kind in ("cosine", "poly"):
-            total = cfg["total_steps"] if cfg["total_steps"] > 0 else self.trainer.estimated_stepping_batches
-            total = max(1, int(total))
-            if kind == "cosine":
-                sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-            else:
-                sched = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=0.9)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-        raise UsageError(f"unknown scheduler {kind!r}; valid: cosine_restarts, cosine, poly, none")
+        return {"optimizer": optimizer, "lr_scheduler": sched}
