@@ -131,12 +131,14 @@ class _Asymmetric(nn.Module):
         return torch.cat([x[:, :1] * ramp, x[:, 1:2], -x[:, :1]], dim=1)
 
 
-def test_flip_tta_averages_the_three_views():
+def test_flip_tta_averages_the_logits_of_geosegs_four_views():
+    """GeoSeg's 'lr' TTA: every combination of horizontal and vertical flip; logits averaged
+    (ttach's merge), softmax after."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     m = _Asymmetric()
-    views = [m(x).softmax(1), m(x.flip(-1)).softmax(1).flip(-1), m(x.flip(-2)).softmax(1).flip(-2)]
-    expected = sum(views) / 3
+    views = [m(x), m(x.flip(-1)).flip(-1), m(x.flip(-2)).flip(-2), m(x.flip(-1).flip(-2)).flip(-2).flip(-1)]
+    expected = (sum(views) / 4).softmax(1)
     torch.testing.assert_close(predict_probs(m, x, "flip"), expected)
 
 

@@ -46,8 +46,10 @@ from rsseg.inference.rasterio_out import (
     temporary_path,
 )
 from rsseg.inference.windows import Window, blend_weights, check_tile_overlap, ramp_1d, window_grid
+from rsseg.train.tta import TTA_MODES, predict_probs, tta_protocol
 
-TTA_CHOICES = ("none", "flip", "d4")
+# One TTA for predict and eval (rsseg.train.tta): GeoSeg's flip (4 views), d4 (8), ms (per dataset).
+TTA_CHOICES = TTA_MODES
 
 
 @dataclass
@@ -57,11 +59,12 @@ class PredictOptions:
     tile: int = 1024
     overlap: int = 256
     batch_size: int = 4
-    tta: str = "none"
+    tta: str = "none"  # one of TTA_CHOICES; "ms" takes the bundle's dataset's GeoSeg set
     device: str = "cpu"
     resample: bool = True
     progress: bool = True
-    # Pad every window up to a multiple of this (encoders with 5 stride-2 stages need 32).
+    # Pad every window up to a multiple of this (encoders with 5 stride-2 stages need 32); with
+    # scaled TTA views, up to the multiple that keeps every scaled side a multiple of it (128).
     pad_multiple: int = 32
 
 
@@ -76,6 +79,7 @@ class InputSpec:
     class_colors: list[tuple[int, int, int]]
     gsd_m: float | None = None
     band_names: list[str] = field(default_factory=list)
+    dataset: str | None = None  # picks the "ms" TTA set (GeoSeg's per-dataset scales)
 
     @classmethod
     def from_meta(cls, meta: Any) -> "InputSpec":
@@ -87,6 +91,7 @@ class InputSpec:
             class_colors=[tuple(int(v) for v in c[:3]) for c in meta.class_colors],
             gsd_m=getattr(meta, "gsd_m", None),
             band_names=list(getattr(meta, "band_names", []) or []),
+            dataset=getattr(meta, "dataset", None),
         )
 
     @property
@@ -182,33 +187,6 @@ def row_ranges_for_ranks(grid: list[list[Window]], height: int, world_size: int)
 # ----------------------------------------------------------------------------- model running
 
 
-def _forward_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    if isinstance(out, dict):
-        out = out["out"]
-    return torch.softmax(out.float(), dim=1)
-
-
-def predict_probs(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """Class probabilities (B, C, H, W), averaged over flips or the 8 dihedral views for TTA."""
-    if tta in (None, "none"):
-        return _forward_probs(model, x)
-    views: list[tuple[int, bool]] = [(0, False), (0, True)]
-    if tta == "d4":
-        views = [(k, f) for k in range(4) for f in (False, True)]
-    elif tta != "flip":
-        raise UsageError(f"unknown tta {tta!r}; valid ttas: {', '.join(TTA_CHOICES)}")
-    total = None
-    for k, flip in views:
-        v = torch.flip(x, dims=(-1,)) if flip else x
-        v = torch.rot90(v, k, dims=(-2, -1))
-        p = _forward_probs(model, v)
-        p = torch.rot90(p, -k, dims=(-2, -1))
-        p = torch.flip(p, dims=(-1,)) if flip else p
-        total = p if total is None else total + p
-    return total / len(views)
-
-
 @dataclass
 class _Batch:
     windows: list[Window]
@@ -267,14 +245,18 @@ def _pad_size(n: int, multiple: int) -> int:
 
 
 def _batches(reader: _SceneReader, lines: list[list[Window]], options: PredictOptions,
-             skipped: list[Window], on_read: Any = None) -> Iterator[_Batch | list[Window]]:
-    """Yields batches of one window row; a row's windows never share a batch with the next row's."""
+             skipped: list[Window], on_read: Any = None, pad_multiple: int | None = None
+             ) -> Iterator[_Batch | list[Window]]:
+    """Yields batches of one window row; a row's windows never share a batch with the next row's.
+
+    Windows are padded to ``pad_multiple`` (default ``options.pad_multiple``)."""
+    multiple = pad_multiple or options.pad_multiple
     for line in lines:
         pending: list[tuple[Window, np.ndarray, np.ndarray, tuple[int, int]]] = []
 
         def flush() -> _Batch:
-            ph = _pad_size(max(p[3][0] for p in pending), options.pad_multiple)
-            pw = _pad_size(max(p[3][1] for p in pending), options.pad_multiple)
+            ph = _pad_size(max(p[3][0] for p in pending), multiple)
+            pw = _pad_size(max(p[3][1] for p in pending), multiple)
             x = np.zeros((len(pending), pending[0][1].shape[0], ph, pw), dtype=np.float32)
             for i, (_, data, _, (mh, mw)) in enumerate(pending):
                 x[i, :, :mh, :mw] = data
@@ -521,6 +503,8 @@ def _predict_rows(scene, model, spec, options, scale, grid, lines, rows, height,
         return 0, []
     device = torch.device(options.device)
     model.eval().to(device)  # batch norm / dropout in inference behaviour, whatever the caller left
+    protocol = tta_protocol(options.tta, spec.dataset)
+    pad_multiple = protocol.input_multiple(options.pad_multiple)
     reader = _SceneReader(scene, spec, scale, options)
     skipped: list[Window] = []
     row_sum, col_sum = weight_sums(grid, height, width, tile_s, overlap_s)
@@ -548,7 +532,8 @@ def _predict_rows(scene, model, spec, options, scale, grid, lines, rows, height,
     try:
         line_index = 0
         with torch.inference_mode():
-            for item in _threaded(_batches(reader, lines, options, skipped, read_bar.update)):
+            for item in _threaded(_batches(reader, lines, options, skipped, read_bar.update,
+                                           pad_multiple)):
                 if isinstance(item, list):  # a window row is complete
                     line_index += 1
                     bar.update(len(item))
@@ -566,7 +551,7 @@ def _predict_rows(scene, model, spec, options, scale, grid, lines, rows, height,
                     while len(pending_writes) > 2:
                         pending_writes.pop(0).result()
                     continue
-                probs = predict_probs(model, item.inputs.to(device), options.tta).cpu()
+                probs = predict_probs(model, item.inputs.to(device), protocol).cpu()
                 run += len(item.windows)
                 for i, w in enumerate(item.windows):
                     mh, mw = item.model_shapes[i]
