@@ -11,7 +11,9 @@ The layouts are those torchgeo's Vaihingen2D / Potsdam2D / LoveDA expect:
   ``top_potsdam_X_Y_label.tif``; optional ``5_Labels_all_noBoundary.zip`` ->
   ``top_potsdam_X_Y_label_noBoundary.tif``.
 - LoveDA: ``Train.zip`` / ``Val.zip`` (/ ``Test.zip``) -> ``{Train,Val,Test}/{Urban,Rural}/
-  {images_png,masks_png}/N.png``.
+  {images_png,masks_png}/N.png``. The official Val set is the scored split (rsseg's ``test``,
+  named "official Val" in outputs); the official Test set has images only (its labels are kept
+  by the challenge server) and is read by :func:`find_loveda_test_images` for a submission.
 
 Files are found by name anywhere below the data root (so an archive extracted into a folder of
 its own name works too); archives are extracted once into a work folder, refusing any member
@@ -146,6 +148,8 @@ _MEMBER_PATTERNS = {
     "vaihingen": r"top_mosaic_09cm_area\d+(_noBoundary)?\.tif$",
     "potsdam": r"top_potsdam_\d+_\d+_(RGBIR|RGB|IRRG|label|label_noBoundary)\.tif$",
     "loveda": r"(Train|Val)/(Urban|Rural)/(images_png|masks_png)/[^/]+\.png$",
+    # The official Test images, for a challenge-server submission (no masks exist).
+    "loveda-test": r"Test/(Urban|Rural)/images_png/[^/]+\.png$",
 }
 _MEMBER_PATTERNS["synthetic"] = _MEMBER_PATTERNS["vaihingen"]
 
@@ -295,8 +299,9 @@ def _find_potsdam(index: dict[str, list[Path]], bands: str) -> tuple[list[Source
     return tiles, missing
 
 
-# LoveDA's test masks are not public, so its official Val split is our test split and our
-# validation split is held out from Train.
+# LoveDA's official Test masks are not public (the challenge server scores Test), so the official
+# Val set is what rsseg scores: it goes to the prepared "test" split, which outputs name "official
+# Val" (DatasetSpec.split_names); rsseg's own model-selection split ("val") is held out from Train.
 _LOVEDA_SPLITS = {"train": "train", "val": "test"}
 
 
@@ -353,3 +358,42 @@ def find_source_tiles(
     if not tiles:
         raise DataError(f"no {dataset} data under {root}: expected {EXPECTED_FILES[dataset]}")
     return tiles
+
+
+def find_loveda_test_images(
+    data_root: str | os.PathLike[str], work_dir: str | os.PathLike[str]
+) -> list[Path]:
+    """The official LoveDA Test images (``Test/{Urban,Rural}/images_png/N.png``) below
+    ``data_root``, ``Test.zip`` extracted into ``work_dir``; sorted by file name.
+
+    Raises DataError when there are none, or when two images share a file name (a submission
+    holds one mask per image name in a single folder).
+    """
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist; put LoveDA's Test.zip or Test/ there")
+    work = Path(work_dir)
+    # Its own extraction folder: an archive already extracted for prepare (Train/Val members
+    # only) carries a marker that would make a second extraction into the same place a no-op.
+    extracted = _extract_archives(root, work / ".extracted-test", "loveda-test")
+    index = _index_files([root, *extracted], skip=[work])
+    images: dict[str, Path] = {}
+    for name, paths in sorted(index.items()):
+        if not name.lower().endswith(".png"):
+            continue
+        for image in sorted(paths):
+            if image.parent.name != "images_png" or image.parent.parent.name.lower() not in (
+                "urban", "rural"
+            ) or image.parent.parent.parent.name.lower() != "test":
+                continue
+            if name in images and images[name].resolve() != image.resolve():
+                if images[name].read_bytes() == image.read_bytes():
+                    continue  # the same image found twice (an archive and its extracted copy)
+                raise DataError(f"two LoveDA Test images are named {name}: {images[name]} and {image}")
+            images.setdefault(name, image)
+    if not images:
+        raise DataError(
+            f"no LoveDA Test images under {root}: expected Test.zip or "
+            "Test/{Urban,Rural}/images_png/N.png"
+        )
+    return [images[name] for name in sorted(images)]

@@ -154,6 +154,28 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     tmp.replace(out / MANIFEST)
 
 
+def split_names_of(manifest: dict[str, Any]) -> dict[str, str]:
+    """The benchmark names of a prepared folder's splits (e.g. LoveDA ``test`` -> "official Val").
+
+    Folders prepared before the manifest recorded them are read by checking where their tiles
+    came from; one that does not match today's mapping is a DataError asking to prepare again.
+    """
+    recorded = manifest.get("split_names")
+    if isinstance(recorded, dict):
+        return {str(k): str(v) for k, v in recorded.items()}
+    dataset = manifest.get("dataset")
+    spec = get_spec(dataset) if dataset else None
+    if dataset == "loveda":
+        # LoveDA tile ids start with their official split: the scored split must be official Val.
+        origins = {t.split("-", 1)[0] for t in manifest.get("splits", {}).get("test", [])}
+        if origins - {"val"}:
+            raise DataError(
+                f"this prepared LoveDA folder scores {', '.join(sorted(origins))} tiles, not the "
+                "official Val set; run rsseg prepare --dataset loveda again"
+            )
+    return dict(spec.split_names) if spec else {}
+
+
 def read_manifest(prepared: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest of a prepared folder; DataError if the folder was not made by prepare."""
     path = Path(prepared) / MANIFEST
@@ -336,6 +358,8 @@ def prepare_dataset(
         "std": list(spec.std[: len(band_set.names)]),
         "gsd_m": spec.gsd_m,
         "splits": {s: sorted(t for t, v in split_of.items() if v == s) for s in ("train", "val", "test")},
+        # What each split is in the benchmark's terms (LoveDA: test = "official Val"); outputs say it.
+        "split_names": dict(spec.split_names),
         "tiles": {},
     }
 

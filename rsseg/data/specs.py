@@ -26,6 +26,22 @@ ISPRS_COLORS = (
 )
 
 
+# What each prepared split is, in the benchmark's own terms; outputs (eval tables, JSON) use these.
+# rsseg's split roles stay train / val (held out for model selection) / test (scored).
+ISPRS_SPLIT_NAMES = {
+    "train": "official training tiles less the held-out ones",
+    "val": "held-out training tiles (rsseg model selection)",
+    "test": "official test tiles",
+}
+LOVEDA_SPLIT_NAMES = {
+    "train": "official Train less the held-out scenes",
+    "val": "held-out official Train scenes (rsseg model selection)",
+    # LoveDA's official Test labels are not public (scored by the challenge server), so the scored
+    # split here is the official Val set, and says so.
+    "test": "official Val",
+}
+
+
 @dataclass(frozen=True)
 class BandSet:
     """A choice of input bands: their names and 1-based indices into the source image file."""
@@ -51,6 +67,11 @@ class DatasetSpec:
     std: tuple[float, ...] = IMAGENET_STD_255
     notes: str = ""
     extra: dict[str, object] = field(default_factory=dict)
+    split_names: dict[str, str] = field(default_factory=lambda: dict(ISPRS_SPLIT_NAMES))
+
+    def split_name(self, split: str) -> str:
+        """The benchmark's name for rsseg's prepared ``split`` (e.g. LoveDA test -> "official Val")."""
+        return self.split_names.get(split, split)
 
     @property
     def num_classes(self) -> int:
@@ -136,7 +157,10 @@ DATASETS: dict[str, DatasetSpec] = {
         band_sets={"rgb": BandSet(("R", "G", "B"), (1, 2, 3))},
         default_bands="rgb",
         gsd_m=0.3,
-        notes="{Train,Val,Test}/{Urban,Rural}/{images_png,masks_png}; mask 0 = no-data -> ignore",
+        notes="{Train,Val,Test}/{Urban,Rural}/{images_png,masks_png}; mask 0 = no-data -> ignore; "
+        "scored on the official Val set (rsseg's test split); the official Test set has no public "
+        "labels: `rsseg predict --format loveda` writes its challenge-server submission",
+        split_names=dict(LOVEDA_SPLIT_NAMES),
     ),
     "synthetic": DatasetSpec(
         name="synthetic",
@@ -148,6 +172,8 @@ DATASETS: dict[str, DatasetSpec] = {
         gsd_m=0.09,
         mean_excludes=("clutter",),
         notes="written in the official Vaihingen layout by rsseg.data.synthetic",
+        split_names={"train": "synthetic training tiles", "val": "held-out synthetic tiles",
+                     "test": "synthetic test tiles"},
     ),
 }
 

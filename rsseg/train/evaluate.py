@@ -2,7 +2,13 @@
 
 Every labelled pixel of the split is counted once (test and validation patches do not overlap;
 padding is ignore) into one global confusion matrix; see :mod:`rsseg.train.metrics` for the
-conventions, which the result states in ``convention``.
+conventions, which the result states in ``convention``. The result also carries the protocol
+beside the scores (``protocol``): the TTA set (views, scales, interpolation, what is averaged),
+the metric convention (which classes the means average) and what the split is in the
+benchmark's terms (LoveDA's scored split is its official Val set).
+
+Each patch goes through :func:`window_probs`, the same TTA code and padding that ``rsseg
+predict`` applies to a window, so the two give the same probabilities for the same window.
 """
 
 from __future__ import annotations
@@ -18,11 +24,18 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from rsseg.data.prepare import ensure_prepared, read_manifest
+from rsseg.data.prepare import ensure_prepared, read_manifest, split_names_of
 from rsseg.data.specs import get_spec
 from rsseg.errors import DataError, UsageError
 from rsseg.train.metrics import confusion_matrix, convention_text, scores_from_confusion
-from rsseg.train.tta import predict_probs
+from rsseg.train.tta import MODEL_SIZE_MULTIPLE, Forward, TTAProtocol, predict_probs, tta_protocol
+
+
+def window_probs(forward: Forward, x: torch.Tensor, tta: str | TTAProtocol | None,
+                 dataset: str | None = None) -> torch.Tensor:
+    """Class probabilities of normalised windows ``x`` as ``rsseg predict`` computes them: TTA of
+    :mod:`rsseg.train.tta`, windows padded (zeros) so every view suits a stride-32 encoder."""
+    return predict_probs(forward, x, tta, dataset, size_multiple=MODEL_SIZE_MULTIPLE)
 
 
 @dataclass
@@ -45,6 +58,31 @@ class EvalResult:
     patches: int
     pixels: int
     extra: dict[str, Any] = field(default_factory=dict)
+    model_name: str | None = None
+    split_name: str | None = None  # the benchmark's name of the split, e.g. "official Val"
+    tta_protocol: dict[str, Any] = field(default_factory=dict)
+
+    def protocol(self) -> dict[str, Any]:
+        """How the scores were obtained, for a reader comparing them with a paper's."""
+        return {
+            "tta": self.tta_protocol or {"mode": self.tta or "none"},
+            "metric": {
+                "confusion": "one global confusion matrix over every labelled pixel of the split; "
+                             "ignored pixels not counted",
+                "mean_classes": [self.class_names[i] for i in self.mean_classes],
+                "left_out_of_means": [n for i, n in enumerate(self.class_names)
+                                      if i not in self.mean_classes],
+                "oa_classes": "all",
+                "convention": self.convention,
+            },
+            "split": {
+                "dataset": self.dataset,
+                "rsseg_split": self.split,
+                "name": self.split_name or self.split,
+                "patches": self.patches,
+                "pixels": self.pixels,
+            },
+        }
 
     def to_dict(self) -> dict[str, Any]:
         def clean(values: list[float]) -> list[float | None]:
@@ -53,8 +91,11 @@ class EvalResult:
         return {
             "dataset": self.dataset,
             "split": self.split,
+            "split_name": self.split_name or self.split,
             "tta": self.tta,
+            "model": self.model_name,
             "bundle": self.bundle,
+            "protocol": self.protocol(),
             "classes": self.class_names,
             "per_class": {
                 name: {"iou": iou, "f1": f1, "precision": p, "recall": r}
@@ -73,9 +114,13 @@ class EvalResult:
 
     def format_table(self) -> str:
         width = max(len(n) for n in self.class_names) + 2
+        name = self.split_name or self.split
+        split = name if name == self.split else f"{name} (rsseg split {self.split!r})"
+        views = self.tta_protocol.get("views")
+        tta = f"{self.tta or 'none'}" + (f" ({views} views)" if views and views > 1 else "")
         lines = [
-            f"{self.dataset} {self.split} split, {self.patches} patches, {self.pixels} labelled pixels"
-            f", TTA: {self.tta or 'none'}",
+            f"{self.dataset} {split}, {self.patches} patches, {self.pixels} labelled pixels"
+            f", TTA: {tta}",
             f"{'class':<{width}}{'IoU':>8}{'F1':>8}",
         ]
         for i, name in enumerate(self.class_names):
@@ -115,7 +160,11 @@ def evaluate(
     device: str = "cpu",
     progress: bool = False,
 ) -> EvalResult:
-    """Score the bundle on ``split`` of the prepared ``dataset`` (default: the bundle's dataset)."""
+    """Score the bundle on ``split`` of the prepared ``dataset`` (default: the bundle's dataset).
+
+    ``split`` is rsseg's prepared split: ``test`` is the scored one (for LoveDA the official Val
+    set, since the official Test labels are not public), ``val`` the held-out model-selection one.
+    """
     from rsseg.bundle import load_bundle
     from rsseg.data.patches import PatchDataset
 
@@ -135,6 +184,8 @@ def evaluate(
             f"bundle reads bands {meta.bands} but {root} holds bands {manifest['band_indexes']} "
             f"({manifest['bands']}); prepare the data with the bundle's band set"
         )
+    split_name = split_names_of(manifest).get(split, split)
+    protocol = tta_protocol(tta, dataset)  # unknown names fail before any patch is read
     data = PatchDataset(root, split)
     if len(data) == 0:
         raise DataError(f"{root}: the {split} split has no patches")
@@ -147,7 +198,7 @@ def evaluate(
     with torch.inference_mode():
         for batch in tqdm(loader, desc=f"eval {split}", disable=not progress):
             x = (batch["image"].to(device) - mean) / std
-            pred = predict_probs(model, x, tta).argmax(1).cpu()
+            pred = window_probs(model, x, protocol).argmax(1).cpu()
             cm += confusion_matrix(pred, batch["mask"], n, meta.ignore_index)
     scores = scores_from_confusion(cm, spec.mean_class_indices)
     return EvalResult(
@@ -168,6 +219,9 @@ def evaluate(
         convention=convention_text(spec.classes, spec.mean_class_indices),
         patches=len(data),
         pixels=int(cm.sum()),
+        model_name=meta.model_name,
+        split_name=split_name,
+        tta_protocol=protocol.describe(),
     )
 
 
