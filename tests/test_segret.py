@@ -1,28 +1,36 @@
-"""SegRet (issue 9): Manhattan retention against direct evaluations of the paper's equations,
-the zero-initialised residual decoder, shapes, a CPU training step, sizes against the paper."""
+"""SegRet (issues 9, 13): Manhattan retention against direct evaluations of the paper's equations,
+the zero-initialised residual decoder, shapes, a CPU training step, sizes against the paper, and
+strict, safe loading of checkpoints in the released RMT layout (no network)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from rsseg.errors import UsageError
+from rsseg.errors import DataError, UsageError
+from rsseg.models.checkpoints import CheckpointError, adapt_stem
 from rsseg.models.registry import count_parameters, create_model, list_models, parameter_count
 from rsseg.models.segret import (
+    RMT_SIZES,
     RMTBackbone,
     RMTConfig,
     SegRet,
     apply_rotary,
     axis_decay_mask,
+    build_segret,
     decomposed_retention,
     full_retention,
     head_decays,
     load_backbone_weights,
     manhattan_decay_mask,
+    rmt_key_to_ours,
     rotary_tables,
 )
 
@@ -317,70 +325,312 @@ def test_bad_configuration_is_a_usage_error() -> None:
         create_model("segret-t", 6, decay_mode="softmax")
     with pytest.raises(UsageError):
         create_model("segret-t", 6, not_an_option=1)
-    with pytest.raises(UsageError, match="not found"):
+    with pytest.raises(CheckpointError, match="not found"):
         create_model("segret-t", 6, pretrained="/nonexistent/rmt_t.pth")
 
 
-# Released RMT names for the keys of one block and the stem/merging/norm layers (the layout of the
-# official checkpoints), written out here independently of the renaming rules under test.
-def _released_name(ours: str) -> str:
-    parts = ours.split(".")
-    table = {
-        "cpe": "pos.conv",
-        "norm1": "retention_layer_norm",
-        "norm2": "final_layer_norm",
-        "attn.q": "retention.q_proj",
-        "attn.k": "retention.k_proj",
-        "attn.v": "retention.v_proj",
-        "attn.out": "retention.out_proj",
-        "attn.lepe": "retention.lepe.conv",
-        "ffn.fc1": "ffn.fc1",
-        "ffn.fc2": "ffn.fc2",
-        "ffn.dwconv": "ffn.dwconv.conv",
-    }
-    if parts[0] == "stem":
-        return "patch_embed.proj." + ".".join(parts[1:])
-    if parts[0] == "out_norms":
-        return "extra_norms." + ".".join(parts[1:])
+def test_decay_mode_defaults_to_the_released_logit_form() -> None:
+    with torch.device("meta"):
+        default = create_model("segret-t", 6)
+        paper = create_model("segret-t", 6, decay_mode="paper")
+    assert {m.decay_mode for m in default.modules() if hasattr(m, "decay_mode")} == {"logit"}
+    assert {m.decay_mode for m in paper.modules() if hasattr(m, "decay_mode")} == {"paper"}
+
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Released RMT checkpoints. The key names and shapes come from the released class definitions
+# (tests/fixtures/rmt_official_keys.json, dumped once from github.com/qhfan/RMT), not from our
+# model; the checkpoints below hold random values in exactly that layout.
+
+RELEASED = json.loads((Path(__file__).parent / "fixtures" / "rmt_official_keys.json").read_text())
+SIZES = ("t", "s", "b", "l")
+# The released ImageNet checkpoints' classification head (VisRetNet's proj, norm and head); the
+# released mmseg backbone lacks exactly these (checked below).
+HEAD_KEYS = {
+    "proj.weight", "proj.bias", "norm.weight", "norm.bias", "norm.running_mean",
+    "norm.running_var", "norm.num_batches_tracked", "head.weight", "head.bias",
+}  # fmt: skip
+# "n_parameters" in RMT_log/rmt_{t,s,m,l}.txt of the RMT repository (backbone + head).
+RMT_LOG_PARAMETERS = {"t": 14_334_216, "s": 26_967_240, "b": 54_154_896, "l": 95_464_864}
+# heads_ranges of RMT_T3, RMT_S, RMT_M2, RMT_L6 (initial value 2 in all): the decay buffers.
+RELEASED_HEADS_RANGES = {"t": (4, 4, 6, 6), "s": (4, 4, 6, 6), "b": (5, 5, 6, 6), "l": (6, 6, 6, 6)}
+_BUFFER = re.compile(r".*\.(running_mean|running_var|num_batches_tracked|angle|decay)$")
+
+# Released sub-module of a RetBlock -> ours, written out from the released definitions.
+_BLOCK_PARTS = {
+    "pos.conv": "cpe",
+    "retention_layer_norm": "norm1",
+    "final_layer_norm": "norm2",
+    "retention.q_proj": "attn.q",
+    "retention.k_proj": "attn.k",
+    "retention.v_proj": "attn.v",
+    "retention.out_proj": "attn.out",
+    "retention.lepe.conv": "attn.lepe",
+    "ffn.fc1": "ffn.fc1",
+    "ffn.fc2": "ffn.fc2",
+    "ffn.dwconv.conv": "ffn.dwconv",
+}
+
+
+def _ours(released: str) -> str:
+    """Our name for a released backbone key (independent of the loader's rules)."""
+    parts = released.split(".")
+    if parts[0] == "patch_embed":  # patch_embed.proj.<index>.<leaf>
+        return "stem." + ".".join(parts[2:])
+    if parts[0] == "extra_norms":
+        return "out_norms." + ".".join(parts[1:])
+    stage = parts[1]
     if parts[2] == "downsample":
-        return (
-            f"layers.{parts[1]}.downsample.{'reduction' if parts[3] == '0' else 'norm'}.{parts[4]}"
+        index = {"reduction": 0, "norm": 1}[parts[3]]
+        return f"stages.{stage}.downsample.{index}.{parts[4]}"
+    block, inner, leaf = parts[3], ".".join(parts[4:-1]), parts[-1]
+    if leaf in ("gamma_1", "gamma_2"):
+        return f"stages.{stage}.blocks.{block}.scale{leaf[-1]}"
+    return f"stages.{stage}.blocks.{block}.{_BLOCK_PARTS[inner]}.{leaf}"
+
+
+def _relpos_buffer(key: str, shape: list[int], size: str) -> torch.Tensor:
+    """The value RMT's Relpos module stores: log decays per head, or rotation angles."""
+    stage = int(key.split(".")[1])
+    if key.endswith(".decay"):
+        n, spread = shape[0], RELEASED_HEADS_RANGES[size][stage]
+        return torch.tensor([math.log(1 - 2 ** -(2 + spread * h / n)) for h in range(n)])
+    pairs = shape[0] // 2
+    return torch.tensor([10000 ** -(j / (pairs - 1)) for j in range(pairs) for _ in (0, 1)])
+
+
+def released_state(layout: dict[str, list[int]], size: str, seed: int) -> dict[str, torch.Tensor]:
+    """Random tensors with exactly the released keys and shapes (Relpos buffers as RMT's)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in layout.items():
+        if ".Relpos." in key:
+            state[key] = _relpos_buffer(key, shape, size)
+        elif key.endswith("num_batches_tracked"):
+            state[key] = torch.randint(1, 10**6, (), generator=generator)
+        else:
+            state[key] = torch.randn(shape, generator=generator)
+    return state
+
+
+def save_released(state: dict[str, torch.Tensor], path: Path) -> Path:
+    """Save as RMT's main.py does: the weights under "model", next to the training Namespace."""
+    args = argparse.Namespace(model="RMT_T3", input_size=224, drop_path=0.1, model_ema=True)
+    torch.save({"model": state, "epoch": 299, "args": args, "max_accuracy": 82.4}, path)
+    return path
+
+
+def assert_loaded_by_value(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> set:
+    """Every backbone tensor of ``state`` sits, with its value, under our name in ``own``."""
+    landed = set()
+    for key, value in state.items():
+        if key in HEAD_KEYS or key.startswith("aux_head.") or ".Relpos." in key:
+            continue
+        ours = _ours(key)
+        assert rmt_key_to_ours(key) == ours, key
+        if key.endswith(("gamma_1", "gamma_2")):
+            assert value.shape[:3] == (1, 1, 1)  # released layer scales: (1, 1, 1, C)
+            value = value.reshape(-1)
+        torch.testing.assert_close(own[ours], value, rtol=0, atol=0, msg=key)
+        landed.add(ours)
+    return landed
+
+
+@pytest.fixture(scope="module")
+def rmt_t_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    state = released_state(RELEASED["classification"]["t"], "t", seed=10)
+    return save_released(state, tmp_path_factory.mktemp("rmt") / "rmt_t.pth"), state
+
+
+def test_fixture_layout_has_the_released_parameter_counts() -> None:
+    assert set(RELEASED["classification"]) == set(SIZES)
+    for size in SIZES:
+        layout = RELEASED["classification"][size]
+        # The head list is exactly what the released mmseg backbone leaves out.
+        assert set(RELEASED["segmentation_backbone"][size]["removed"]) == HEAD_KEYS
+        assert sum(math.prod(s) for k, s in layout.items() if not _BUFFER.match(k)) == (
+            RMT_LOG_PARAMETERS[size]
         )
-    inner, leaf = ".".join(parts[4:-1]), parts[-1]
-    if leaf in ("scale1", "scale2"):
-        return f"layers.{parts[1]}.blocks.{parts[3]}.gamma_{leaf[-1]}"
-    return f"layers.{parts[1]}.blocks.{parts[3]}.{table[inner]}.{leaf}"
+        # Our backbone (but its stage-output norms) plus the released head: the same count.
+        head = sum(math.prod(layout[k]) for k in HEAD_KEYS if not _BUFFER.match(k))
+        with torch.device("meta"):
+            backbone = RMTBackbone(RMT_SIZES[size])
+        out_norms = count_parameters(backbone.out_norms)
+        assert count_parameters(backbone) - out_norms + head == RMT_LOG_PARAMETERS[size], size
 
 
-def test_pretrained_weights_load_from_our_and_released_layouts(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("size", "token_label"), [("t", False), ("s", True), ("b", False), ("l", False)]
+)
+def test_released_imagenet_checkpoint_loads_strictly(
+    size: str, token_label: bool, tmp_path: Path
+) -> None:
+    layout = dict(RELEASED["classification"][size])
+    if token_label:  # RMT-S*: the token-labelling model's dense classifier too
+        layout.update(RELEASED["token_label_extra"][size])
+    state = released_state(layout, size, seed=SIZES.index(size))
+    assert HEAD_KEYS <= set(state)
+    path = save_released(state, tmp_path / f"rmt_{size}.pth")
+    model = build_segret(size, 6, pretrained=str(path))
+    own = model.backbone.state_dict()
+    landed = assert_loaded_by_value(own, state)
+    # Every other backbone tensor is a stage-output norm (absent from classification files),
+    # and those keep their initial values.
+    assert set(own) - landed == {k for k in own if k.startswith("out_norms.")}
+    for norm in model.backbone.out_norms:
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+        assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
+    if size == "b":  # a layer scale stored in another shape than (1, 1, 1, C) is refused
+        key = "layers.3.blocks.7.gamma_2"
+        state[key] = state[key].reshape(-1, 1, 1, 1)
+        save_released(state, path)
+        with pytest.raises(CheckpointError, match=r"mis-shaped \(e\.g\. stages\.3\.blocks\.7"):
+            build_segret(size, 6, pretrained=str(path))
+
+
+def test_mmseg_segmentation_checkpoint_loads_its_backbone(tmp_path: Path) -> None:
+    seg = RELEASED["segmentation_backbone"]["t"]
+    layout = {k: s for k, s in RELEASED["classification"]["t"].items() if k not in seg["removed"]}
+    state = released_state({**layout, **seg["added"]}, "t", seed=11)
+    segmentor = {"backbone." + k: v for k, v in state.items()}
+    segmentor["decode_head.conv_seg.weight"] = torch.randn(150, 128, 1, 1)
+    segmentor["neck.lateral_convs.0.conv.weight"] = torch.randn(256, 64, 1, 1)
+    torch.save({"meta": {"iter": 80000}, "state_dict": segmentor}, tmp_path / "fpn.pth")
+    backbone = RMTBackbone(RMT_SIZES["t"])
+    load_backbone_weights(backbone, tmp_path / "fpn.pth")
+    own = backbone.state_dict()
+    assert assert_loaded_by_value(own, state) == set(own)  # the output norms come from the file
+
+    segmentor["backbone_ema.patch_embed.proj.0.weight"] = torch.randn(32, 3, 3, 3)
+    torch.save({"state_dict": segmentor}, tmp_path / "mixed.pth")
+    with pytest.raises(CheckpointError, match="backbone_ema.patch_embed.proj.0.weight"):
+        load_backbone_weights(RMTBackbone(RMT_SIZES["t"]), tmp_path / "mixed.pth")
+
+
+def _drop_v_bias(state: dict) -> None:
+    del state["layers.2.blocks.5.retention.v_proj.bias"]
+
+
+def _narrow_fc1(state: dict) -> None:
+    state["layers.1.blocks.0.ffn.fc1.weight"] = torch.randn(383, 128)
+
+
+def _add_unknown(state: dict) -> None:
+    state["layers.0.blocks.0.retention.g_proj.weight"] = torch.randn(64, 64)
+
+
+def _other_decays(state: dict) -> None:  # RMT-T stage 3 with heads range 4 instead of 6
+    decays = [math.log(1 - 2 ** -(2 + 4 * h / 8)) for h in range(8)]
+    state["layers.2.Relpos.decay"] = torch.tensor(decays)
+
+
+def _drop_relpos(state: dict) -> None:
+    del state["layers.1.Relpos.angle"]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_drop_v_bias, r"1 missing \(stages\.2\.blocks\.5\.attn\.v\.bias\)"),
+        (_narrow_fc1, r"stages\.1\.blocks\.0\.ffn\.fc1\.weight: file \(383, 128\) vs"),
+        (_add_unknown, r"1 unexpected \(layers\.0\.blocks\.0\.retention\.g_proj\.weight\)"),
+        (_other_decays, r"layers\.2\.Relpos\.decay = \[-0\.28768.*differs"),
+        (_drop_relpos, r"1 missing \(layers\.1\.Relpos\.angle\)"),
+    ],
+)  # fmt: skip
+def test_truncated_misshaped_or_foreign_checkpoints_are_refused(
+    damage, message: str, rmt_t_checkpoint: tuple[Path, dict], tmp_path: Path
+) -> None:
+    _, state = rmt_t_checkpoint
+    state = dict(state)
+    damage(state)
+    path = save_released(state, tmp_path / "damaged.pth")
+    backbone = RMTBackbone(RMT_SIZES["t"])
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    with pytest.raises(CheckpointError, match=message) as refused:
+        load_backbone_weights(backbone, path)
+    assert isinstance(refused.value, DataError) and "\n" not in str(refused.value)
+    for key, value in backbone.state_dict().items():  # nothing was half-loaded
+        assert torch.equal(value, before[key]), key
+
+
+def test_paper_decay_refuses_released_weights(rmt_t_checkpoint: tuple[Path, dict]) -> None:
+    path, _ = rmt_t_checkpoint
+    with pytest.raises(CheckpointError, match=r'trained with .*decay_mode="logit"') as refused:
+        build_segret("t", 6, decay_mode="paper", pretrained=str(path))
+    assert "\n" not in str(refused.value)
+
+
+def test_released_stem_is_adapted_to_other_band_counts(rmt_t_checkpoint: tuple[Path, dict]) -> None:
+    path, state = rmt_t_checkpoint
+    backbone = RMTBackbone(RMT_SIZES["t"], in_channels=4)
+    load_backbone_weights(backbone, path)
+    rgb = state["patch_embed.proj.0.weight"]
+    assert backbone.stem[0].weight.shape == (32, 4, 3, 3)
+    torch.testing.assert_close(backbone.stem[0].weight, adapt_stem(rgb, 4))
+    torch.testing.assert_close(
+        backbone.stages[2].blocks[7].attn.out.weight,
+        state["layers.2.blocks.7.retention.out_proj.weight"],
+    )
+
+
+def _leave_marker(path: str) -> None:
+    Path(path).write_text("unpickled")
+
+
+class _ReducesToACall:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (_leave_marker, (self.marker,))
+
+
+class _SetsState:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __setstate__(self, state: dict) -> None:
+        _leave_marker(state["marker"])
+        self.__dict__.update(state)
+
+
+@pytest.mark.parametrize("payload", [_ReducesToACall, _SetsState])
+def test_checkpoint_pickling_other_objects_is_refused_unread(payload: type, tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    path = tmp_path / "rmt_t.pth"
+    weights = {"patch_embed.proj.0.weight": torch.zeros(32, 3, 3, 3)}
+    torch.save({"model": weights, "args": payload(str(marker))}, path)
+    refusal = r"pickles a Python object \(.*(_leave_marker|_SetsState)\)"
+    with pytest.raises(CheckpointError, match=refusal):
+        load_backbone_weights(RMTBackbone(RMT_SIZES["t"]), path)
+    assert not marker.exists()
+    # The payload is live: a plain unpickling of the same file does run it.
+    torch.load(path, weights_only=False)
+    assert marker.read_text() == "unpickled"
+
+
+def test_our_own_layout_loads_and_adapts_the_stem(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     torch.manual_seed(7)
-    source = RMTBackbone(TINY)
-    state = {k: v.clone() for k, v in source.state_dict().items()}
+    state = {k: v.clone() for k, v in RMTBackbone(TINY).state_dict().items()}
     save_file(state, tmp_path / "ours.safetensors")
-    scales = ("scale1", "scale2")  # released layer scales are (1, 1, 1, C)
-    released = {
-        _released_name(k): (v.reshape(1, 1, 1, -1) if k.endswith(scales) else v)
-        for k, v in state.items()
-    }
-    released["head.weight"] = torch.zeros(10, 16)  # classifier keys are ignored
-    torch.save({"model": released}, tmp_path / "released.pth")
-
-    for name in ("ours.safetensors", "released.pth"):
-        target = RMTBackbone(TINY)
-        load_backbone_weights(target, tmp_path / name)
+    for decay_mode in ("logit", "paper"):  # our files carry no decay: either mode loads them
+        target = RMTBackbone(TINY, decay_mode=decay_mode)
+        load_backbone_weights(target, tmp_path / "ours.safetensors")
         for key, value in target.state_dict().items():
-            torch.testing.assert_close(value, state[key], msg=f"{name}: {key}")
+            torch.testing.assert_close(value, state[key], msg=key)
 
-    # An RGB checkpoint into a 4-band model: the stem is adapted, everything else is copied.
     four_band = RMTBackbone(TINY, in_channels=4)
     load_backbone_weights(four_band, tmp_path / "ours.safetensors")
-    assert four_band.stem[0].weight.shape[1] == 4
+    torch.testing.assert_close(four_band.stem[0].weight, adapt_stem(state["stem.0.weight"], 4))
     torch.testing.assert_close(
         four_band.stages[2].blocks[0].attn.q.weight, state["stages.2.blocks.0.attn.q.weight"]
     )
 
     other = RMTConfig(**{**TINY.__dict__, "dims": (8, 16, 32, 32)})
-    with pytest.raises(UsageError, match="does not fit"):
+    with pytest.raises(CheckpointError, match="does not fit"):
         load_backbone_weights(RMTBackbone(other), tmp_path / "ours.safetensors")

@@ -29,6 +29,13 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 from rsseg.errors import UsageError
+from rsseg.models.checkpoints import (
+    CheckpointError,
+    adapt_stem,
+    check_state_fits,
+    load_state_strict,
+    read_state_dict,
+)
 from rsseg.models.registry import register_model
 
 DecayMode = Literal["paper", "logit"]
@@ -105,7 +112,7 @@ def full_retention(
     k: torch.Tensor,
     v: torch.Tensor,
     gamma: torch.Tensor,
-    mode: DecayMode = "paper",
+    mode: DecayMode = "logit",
 ) -> torch.Tensor:
     """Manhattan self-attention over all H*W tokens with the 2D decay mask (eqs. 6-8).
 
@@ -125,7 +132,7 @@ def decomposed_retention(
     k: torch.Tensor,
     v: torch.Tensor,
     gamma: torch.Tensor,
-    mode: DecayMode = "paper",
+    mode: DecayMode = "logit",
 ) -> torch.Tensor:
     """Retention decomposed along width, then height (eqs. 9-14): Attn_H (Attn_W V).
 
@@ -142,17 +149,21 @@ def decomposed_retention(
     return cols.transpose(2, 3)
 
 
+def rotary_frequencies(head_dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """theta_j = 10000^-(j / (head_dim/2 - 1)) for j < head_dim/2, each repeated for its
+    (even, odd) channel pair: float32 (head_dim,), the released RMT's ``Relpos.angle``."""
+    theta = 1.0 / (10000 ** torch.linspace(0, 1, head_dim // 2, device=device))
+    return theta.repeat_interleave(2)
+
+
 def rotary_tables(
     height: int, width: int, head_dim: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sin/cos tables (H, W, head_dim) of the rotation Theta_n = e^{i n theta} (eq. 3).
 
-    As in RMT, n is the row-major token index and theta_j = 10000^-(j / (head_dim/2 - 1)),
-    each frequency used by one (even, odd) channel pair.
+    As in RMT, n is the row-major token index; frequencies from :func:`rotary_frequencies`.
     """
-    pairs = head_dim // 2
-    theta = 1.0 / (10000 ** torch.linspace(0, 1, pairs, device=device))
-    theta = theta.repeat_interleave(2)  # one frequency per channel pair
+    theta = rotary_frequencies(head_dim, device)
     index = torch.arange(height * width, device=device, dtype=torch.float32)
     angle = index[:, None] * theta[None, :]
     return angle.sin().reshape(height, width, -1), angle.cos().reshape(height, width, -1)
@@ -342,11 +353,17 @@ class RMTBackbone(nn.Module):
         self,
         cfg: RMTConfig,
         in_channels: int = 3,
-        decay_mode: DecayMode = "paper",
+        decay_mode: DecayMode = "logit",
         decompose_all: bool = False,
         grad_checkpoint: bool = False,
     ) -> None:
         super().__init__()
+        if decay_mode not in _DECAY_MODES:
+            raise UsageError(
+                f"SegRet: decay_mode must be one of {', '.join(_DECAY_MODES)}, got {decay_mode!r}"
+            )
+        # Kept so that the weights loader can refuse released weights for the "paper" decay.
+        self.decay_mode: DecayMode = decay_mode
         d0 = cfg.dims[0]
         # Overlapping 3x3 convolutions down to 1/4 (RMT's stem); the last has no activation.
         self.stem = nn.Sequential(
@@ -468,16 +485,12 @@ class SegRet(nn.Module):
         in_channels: int = 3,
         decoder_channels: int = 256,
         zero_residual: bool = True,
-        decay_mode: DecayMode = "paper",
+        decay_mode: DecayMode = "logit",
         decompose_all: bool = False,
         dropout: float = 0.1,
         grad_checkpoint: bool = False,
     ) -> None:
         super().__init__()
-        if decay_mode not in _DECAY_MODES:
-            raise UsageError(
-                f"SegRet: decay_mode must be one of {', '.join(_DECAY_MODES)}, got {decay_mode!r}"
-            )
         self.backbone = RMTBackbone(
             backbone_cfg, in_channels, decay_mode, decompose_all, grad_checkpoint
         )
@@ -491,93 +504,156 @@ class SegRet(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Local backbone weights (never downloaded).
-
-# Released RMT checkpoints (classification or segmentation) name modules differently; these rules
-# rename their keys to ours. Keys we do not have (classifier head, decay buffers) are dropped.
-_RMT_KEY_RULES: list[tuple[str, str]] = [
-    (r"^patch_embed\.proj\.", "stem."),
-    (r"^layers\.(\d+)\.downsample\.reduction\.", r"stages.\1.downsample.0."),
-    (r"^layers\.(\d+)\.downsample\.norm\.", r"stages.\1.downsample.1."),
-    (r"^layers\.(\d+)\.blocks\.", r"stages.\1.blocks."),
-    (r"\.pos\.conv\.", ".cpe."),
-    (r"\.retention_layer_norm\.", ".norm1."),
-    (r"\.final_layer_norm\.", ".norm2."),
-    (r"\.retention\.(q|k|v)_proj\.", r".attn.\1."),
-    (r"\.retention\.out_proj\.", ".attn.out."),
-    (r"\.retention\.lepe\.conv\.", ".attn.lepe."),
-    (r"\.ffn\.dwconv\.conv\.", ".ffn.dwconv."),
-    (r"\.gamma_1$", ".scale1"),
-    (r"\.gamma_2$", ".scale2"),
-    (r"^extra_norms\.", "out_norms."),
+# Local backbone weights (never downloaded): our layout, or the released RMT checkpoints.
+#
+# Released layout (github.com/qhfan/RMT, checked against the class definitions in
+# classfication_release/RMT.py and segmentation/mmseg/models/backbones/RMT.py; the key names and
+# shapes of T/S/B/L are in tests/fixtures/rmt_official_keys.json). Each rule maps one whole
+# released key to ours; a key no rule matches is left as it is, so that the strict check names it.
+_B = r"layers\.(\d+)\.blocks\.(\d+)\."  # one retention block
+_OURS_B = r"stages.\1.blocks.\2."
+_RMT_KEY_RULES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(pattern), replacement)
+    for pattern, replacement in [
+        # PatchEmbed.proj is the same 11-module Sequential as our stem: indices carry over.
+        (r"patch_embed\.proj\.(\d+)\.(\w+)", r"stem.\1.\2"),
+        (r"layers\.(\d+)\.downsample\.reduction\.(weight|bias)", r"stages.\1.downsample.0.\2"),
+        (r"layers\.(\d+)\.downsample\.norm\.(\w+)", r"stages.\1.downsample.1.\2"),
+        (_B + r"pos\.conv\.(weight|bias)", _OURS_B + r"cpe.\3"),
+        (_B + r"retention_layer_norm\.(weight|bias)", _OURS_B + r"norm1.\3"),
+        (_B + r"final_layer_norm\.(weight|bias)", _OURS_B + r"norm2.\3"),
+        (_B + r"retention\.([qkv])_proj\.(weight|bias)", _OURS_B + r"attn.\3.\4"),
+        (_B + r"retention\.out_proj\.(weight|bias)", _OURS_B + r"attn.out.\3"),
+        (_B + r"retention\.lepe\.conv\.(weight|bias)", _OURS_B + r"attn.lepe.\3"),
+        (_B + r"ffn\.(fc1|fc2)\.(weight|bias)", _OURS_B + r"ffn.\3.\4"),
+        (_B + r"ffn\.dwconv\.conv\.(weight|bias)", _OURS_B + r"ffn.dwconv.\3"),
+        (_B + r"gamma_([12])", _OURS_B + r"scale\3"),
+        # Only in the mmseg backbone: the LayerNorms on the four stage outputs.
+        (r"extra_norms\.(\d+)\.(weight|bias)", r"out_norms.\1.\2"),
+    ]
 ]
-_STRIP_PREFIXES = ("module.", "backbone.")
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors or torch file, without unpickling arbitrary objects."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors have no common base class
-        raise UsageError(
-            f"SegRet pretrained file {path} is not a readable weights file ({exc})"
-        ) from exc
-    for key in ("model", "state_dict"):  # RMT classification / mmseg checkpoints nest the weights
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise UsageError(f"SegRet pretrained file {path} does not hold a state dict")
-    return state
+# The released files keep each stage's fixed rotation frequencies and log-decays as buffers
+# ("layers.<i>.Relpos.angle" / ".decay"); we compute them from the size, so they are compared
+# with ours instead of loaded (a file of another size, or with other decays, is refused).
+_RMT_RELPOS_KEY = re.compile(r"layers\.(\d+)\.Relpos\.(angle|decay)")
+# The released ImageNet-1K checkpoints' classification head: projection to 1024, its BatchNorm,
+# the classifier, and the dense classifier of the token-labelling models (RMT-S*/B*/L*).
+# These, and only these, are dropped.
+_RMT_CLASSIFIER_KEYS = frozenset(
+    [
+        "proj.weight", "proj.bias",
+        "norm.weight", "norm.bias", "norm.running_mean", "norm.running_var",
+        "norm.num_batches_tracked",
+        "head.weight", "head.bias",
+        "aux_head.weight", "aux_head.bias",
+    ]
+)  # fmt: skip
+# A whole mmseg segmentor (RMT's segmentation checkpoints): the backbone is everything under
+# "backbone."; these other parts of a segmentor are dropped, anything else is refused.
+_MMSEG_BACKBONE = "backbone."
+_MMSEG_OTHER_PARTS = ("decode_head.", "auxiliary_head.", "neck.")
+# Keys that mark a file as the released layout (ours starts "stem." / "stages." / "out_norms.").
+_RELEASED_MARKERS = ("patch_embed.", "layers.")
 
 
 def rmt_key_to_ours(key: str) -> str:
-    """Rename one key of a released RMT checkpoint to this file's module names."""
-    for prefix in _STRIP_PREFIXES:
-        key = key.removeprefix(prefix)
+    """Our name for one key of a released RMT backbone (unchanged if no rule matches)."""
     for pattern, replacement in _RMT_KEY_RULES:
-        key = re.sub(pattern, replacement, key)
+        if pattern.fullmatch(key):
+            return pattern.sub(replacement, key)
     return key
 
 
-def load_backbone_weights(backbone: RMTBackbone, path: str | Path) -> None:
-    """Load local RMT weights (ours or the released layout) into ``backbone``.
+def _backbone_part(state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """The backbone's tensors of a whole mmseg segmentor; any other state unchanged."""
+    if not any(key.startswith(_MMSEG_BACKBONE) for key in state):
+        return state
+    backbone, stray = {}, []
+    for key, value in state.items():
+        if key.startswith(_MMSEG_BACKBONE):
+            backbone[key.removeprefix(_MMSEG_BACKBONE)] = value
+        elif not key.startswith(_MMSEG_OTHER_PARTS):
+            stray.append(key)
+    if stray:
+        raise CheckpointError(
+            f"{what} mixes an mmseg segmentor with other tensors ({', '.join(sorted(stray)[:3])})"
+        )
+    return backbone
 
-    The first convolution is adapted to the band count with timm's rule; the output LayerNorms may
-    be absent (classification checkpoints). Anything else that does not fit is a UsageError.
-    """
-    from timm.models import adapt_input_conv
 
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"SegRet pretrained file not found: {path}")
-    own = backbone.state_dict()
-    state = {}
-    for key, value in _read_state_dict(path).items():
+def _expected_relpos(backbone: RMTBackbone) -> dict[str, torch.Tensor]:
+    """The Relpos buffers a released checkpoint of this backbone's size holds, in float32."""
+    expected = {}
+    for i, stage in enumerate(backbone.stages):
+        expected[f"layers.{i}.Relpos.angle"] = rotary_frequencies(stage.head_dim)
+        expected[f"layers.{i}.Relpos.decay"] = torch.tensor(stage.gammas).log()
+    return expected
+
+
+def _check_relpos(backbone: RMTBackbone, relpos: dict[str, torch.Tensor], what: str) -> None:
+    expected = _expected_relpos(backbone)
+    check_state_fits(expected, relpos, what=f"{what} (retention decays and rotation angles)")
+    for key, value in expected.items():
+        if not torch.allclose(relpos[key].float(), value, rtol=1e-5, atol=1e-6):
+            raise CheckpointError(
+                f"{what}: {key} = {[round(v, 5) for v in relpos[key].tolist()][:4]} differs from "
+                f"this model's {[round(v, 5) for v in value.tolist()][:4]} "
+                "(weights of another RMT size or configuration?)"
+            )
+
+
+def _is_channels_last_vector(value: torch.Tensor) -> bool:
+    return value.dim() == 4 and tuple(value.shape[:3]) == (1, 1, 1)
+
+
+def _from_released(
+    backbone: RMTBackbone, state: dict[str, torch.Tensor], what: str
+) -> dict[str, torch.Tensor]:
+    """Released RMT tensors renamed to ours; the head dropped, the decay buffers checked."""
+    if backbone.decay_mode != "logit":
+        raise CheckpointError(
+            f"{what} is a released RMT checkpoint, trained with the decay inside the softmax; "
+            f'this model uses decay_mode="{backbone.decay_mode}": build it with '
+            'decay_mode="logit" (the default) to load these weights'
+        )
+    relpos, renamed = {}, {}
+    for key, value in state.items():
+        if key in _RMT_CLASSIFIER_KEYS:
+            continue
+        if _RMT_RELPOS_KEY.fullmatch(key):
+            relpos[key] = value
+            continue
         ours = rmt_key_to_ours(key)
-        if ours in own:
-            if ours.endswith(("scale1", "scale2")):
-                value = value.reshape(-1)  # released layer scales are (1, 1, 1, C)
-            state[ours] = value
-    if (
-        "stem.0.weight" in state
-        and state["stem.0.weight"].shape[1] != own["stem.0.weight"].shape[1]
-    ):
-        state["stem.0.weight"] = adapt_input_conv(
-            own["stem.0.weight"].shape[1], state["stem.0.weight"]
-        )
-    wrong = [k for k in state if state[k].shape != own[k].shape]
-    missing = [k for k in own if k not in state and not k.startswith("out_norms.")]
-    if wrong or missing or not state:
-        example = (wrong or missing or ["(no matching keys)"])[0]
-        raise UsageError(
-            f"SegRet pretrained file {path} does not fit this backbone "
-            f"({len(missing)} missing, {len(wrong)} wrong-shaped keys, e.g. {example!r})"
-        )
-    backbone.load_state_dict(state, strict=False)
+        if ours.endswith((".scale1", ".scale2")) and _is_channels_last_vector(value):
+            # Released layer scales broadcast over (B, H, W, C) as (1, 1, 1, C); ours are (C,).
+            value = value.reshape(-1)
+        renamed[ours] = value
+    _check_relpos(backbone, relpos, what)
+    return renamed
+
+
+def load_backbone_weights(backbone: RMTBackbone, path: str | Path) -> None:
+    """Load a local weights file into ``backbone``, strictly: every tensor of the file is used.
+
+    Accepted: our own layout (``stem.`` / ``stages.`` / ``out_norms.``), or a released RMT
+    checkpoint, i.e. an ImageNet-1K classification file (``{"model": ..., "args": Namespace}``,
+    its classification head dropped) or an mmseg segmentation file (``{"state_dict": ...}``, the
+    ``backbone.`` part). Released weights need ``decay_mode="logit"``. The stage-output norms a
+    classification file lacks keep their initial values; the stem is adapted to the band count.
+    Anything else that does not fit raises a one-line :class:`CheckpointError`.
+    """
+    what = f"RMT weights {path}"
+    state = _backbone_part(read_state_dict(path, what="RMT weights"), what)
+    if any(key.startswith(_RELEASED_MARKERS) for key in state):
+        state = _from_released(backbone, state, what)
+    own = backbone.state_dict()
+    stem = "stem.0.weight"
+    if stem in state and state[stem].dim() == 4 and state[stem].shape[1] != own[stem].shape[1]:
+        state[stem] = adapt_stem(state[stem], own[stem].shape[1])
+    # Classification checkpoints have no stage-output norms; a file with some of them must have all.
+    out_norms = [key for key in own if key.startswith("out_norms.")]
+    optional = out_norms if not any(key in state for key in out_norms) else []
+    load_state_strict(backbone, state, what=what, optional=optional)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -627,16 +703,18 @@ def build_segret(
     pretrained: str | None = None,
     decoder_channels: int | None = None,
     zero_residual: bool = True,
-    decay_mode: DecayMode = "paper",
+    decay_mode: DecayMode = "logit",
     decompose_all: bool = False,
     drop_path_rate: float | None = None,
     dropout: float = 0.1,
     grad_checkpoint: bool = False,
 ) -> SegRet:
-    """SegRet of one size. ``pretrained``: local RMT backbone weights (.pth/.pt/.safetensors).
+    """SegRet of one size. ``pretrained``: a local backbone weights file (.pth/.pt/.safetensors),
+    ours or a released RMT checkpoint (see :func:`load_backbone_weights`); never a name or a URL.
 
     ``decompose_all`` uses the decomposed retention in every stage (needed for ~1024 px inputs);
-    ``decay_mode="logit"`` matches the released RMT code (use it with released RMT weights);
+    ``decay_mode``: "logit" (default) is the decay the released RMT code runs and its weights were
+    trained with, Softmax(QK^T + log D); "paper" is the papers' Softmax(QK^T) * D;
     ``grad_checkpoint`` recomputes each retention block in the backward pass (less memory).
     """
     cfg = RMT_SIZES[size]
@@ -691,4 +769,6 @@ __all__ = [
     "load_backbone_weights",
     "manhattan_decay_mask",
     "manhattan_distance",
+    "rmt_key_to_ours",
+    "rotary_frequencies",
 ]
