@@ -144,7 +144,8 @@ def make_potsdam(root: Path, tiles=("2_10", "2_11", "2_13"), size=(200, 180), zi
 
 
 def make_loveda(root: Path, counts=None, size=64, zipped=False) -> dict[str, np.ndarray]:
-    """LoveDA layout: {Train,Val}/{Urban,Rural}/{images_png,masks_png}/N.png; mask 0 = no-data."""
+    """LoveDA layout: {Train,Val}/{Urban,Rural}/{images_png,masks_png}/N.png; mask 0 = no-data.
+    A "Test" entry in ``counts`` writes images only, as the official Test set has no masks."""
     counts = counts or {"Train": 3, "Val": 2}
     stage = root / "_stage" if zipped else root
     maps = {}
@@ -157,9 +158,10 @@ def make_loveda(root: Path, counts=None, size=64, zipped=False) -> dict[str, np.
             mask[:4, :4] = 0  # no-data corner
             base = stage / split / scene
             (base / "images_png").mkdir(parents=True, exist_ok=True)
-            (base / "masks_png").mkdir(parents=True, exist_ok=True)
             Image.fromarray(image_for(cls, number).transpose(1, 2, 0)).save(base / "images_png" / f"{number}.png")
-            Image.fromarray(mask).save(base / "masks_png" / f"{number}.png")
+            if split != "Test":
+                (base / "masks_png").mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask).save(base / "masks_png" / f"{number}.png")
             maps[f"{split.lower()}-{scene.lower()}-{number}"] = mask
             number += 1
     if zipped:

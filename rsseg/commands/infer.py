@@ -1,4 +1,5 @@
-"""``rsseg predict`` and ``rsseg vectorize``: thin click wrappers over rsseg.inference."""
+"""``rsseg predict``, ``rsseg vectorize`` and ``rsseg eval``: thin click wrappers over rsseg.inference
+and rsseg.train.evaluate."""
 
 from __future__ import annotations
 
@@ -6,23 +7,33 @@ from pathlib import Path
 
 import click
 
+from rsseg.data.specs import list_datasets
 from rsseg.errors import UsageError
 
-_TTA = ("none", "flip", "d4")
+# rsseg.train.tta.TTA_MODES, spelled out so `--help` does not import torch.
+_TTA = ("none", "flip", "d4", "ms")
+_TTA_HELP = ("Test-time augmentation, GeoSeg's sets: flip = every combination of horizontal and "
+             "vertical flip (4 views, GeoSeg 'lr'); d4 = the 8 flips/rotations; ms = GeoSeg's "
+             "multi-scale set for the dataset (flips x scales, bicubic). Logits are averaged.")
 
 
 @click.command("predict")
 @click.argument("scenes", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Output; its suffix picks the kind: .tif class raster, or .gpkg/.geojson/.fgb/"
-                   ".parquet polygons. With several scenes, {stem} is replaced by each scene's name.")
+                   ".parquet polygons. With several scenes, {stem} is replaced by each scene's name. "
+                   "With --format loveda: the submission zip (its PNGs go in a folder of its name).")
+@click.option("--format", "out_format", type=click.Choice(["scene", "loveda"]), default="scene",
+              show_default=True,
+              help="loveda: SCENES is a LoveDA data root; predict its official Test images into the "
+                   "challenge server's submission (one PNG of classes 0..6 per image, same file name, "
+                   "zipped without a folder).")
 @click.option("--model", "bundle", required=True, type=click.Path(path_type=Path),
               help="Model bundle (.safetensors) from `rsseg train`.")
 @click.option("--tile", default=1024, show_default=True, help="Window size in model pixels.")
 @click.option("--overlap", default=256, show_default=True, help="Overlap between windows in model pixels.")
 @click.option("--batch-size", default=4, show_default=True, help="Windows per forward pass.")
-@click.option("--tta", type=click.Choice(_TTA), default="none", show_default=True,
-              help="Test-time augmentation: horizontal flip, or all 8 flips/rotations.")
+@click.option("--tta", type=click.Choice(_TTA), default="none", show_default=True, help=_TTA_HELP)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")
 @click.option("--raster", type=click.Path(path_type=Path), default=None,
               help="Also keep the class raster (COG) when -o names vectors.")
@@ -35,15 +46,21 @@ _TTA = ("none", "flip", "d4")
               help="Simplification tolerance in map units (default: one pixel; 0: none).")
 @click.option("--overwrite", is_flag=True, help="Replace outputs that exist.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def predict(scenes, out, bundle, tile, overlap, batch_size, tta, device, raster, confidence, resample,
-            min_area, simplify, overwrite, quiet) -> None:
+def predict(scenes, out, out_format, bundle, tile, overlap, batch_size, tta, device, raster, confidence,
+            resample, min_area, simplify, overwrite, quiet) -> None:
     """Segment SCENES (GeoTIFFs of any size) into a class raster and/or polygons on their own grid."""
     from rsseg.bundle import load_bundle
-    from rsseg.inference.predict import PredictOptions
-    from rsseg.inference.run import plan_outputs, predict_scenes
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if out_format == "loveda":
+        _loveda_submission(scenes, out, bundle, batch_size, tta, device, raster, confidence,
+                           overwrite, quiet)
+        return
+
+    from rsseg.inference.predict import PredictOptions
+    from rsseg.inference.run import plan_outputs, predict_scenes
+
     # Cheap checks first: a wrong suffix or an existing output is reported before the model loads.
     plan_outputs(list(scenes), out, raster, confidence, overwrite)
     model, meta = load_bundle(bundle, device=device)
@@ -52,6 +69,22 @@ def predict(scenes, out, bundle, tile, overlap, batch_size, tta, device, raster,
     predict_scenes(list(scenes), out, model, meta, options=options, raster=raster,
                    confidence=confidence, overwrite=overwrite, simplify=simplify, min_area=min_area,
                    echo=lambda s: click.echo(s, err=True))
+
+
+def _loveda_submission(scenes, out, bundle, batch_size, tta, device, raster, confidence, overwrite,
+                       quiet) -> None:
+    from rsseg.bundle import load_bundle, read_bundle_meta
+    from rsseg.inference.loveda_submission import check_loveda_bundle, write_loveda_submission
+
+    if len(scenes) != 1:
+        raise UsageError("--format loveda takes one LoveDA data root (holding Test.zip or Test/)")
+    if raster is not None or confidence is not None:
+        raise UsageError("--raster and --confidence are for GeoTIFF scenes, not --format loveda")
+    check_loveda_bundle(read_bundle_meta(bundle))  # before the weights load
+    model, meta = load_bundle(bundle, device=device)
+    write_loveda_submission(scenes[0], out, model, meta, tta=tta, device=device,
+                            batch_size=batch_size, overwrite=overwrite, progress=not quiet,
+                            echo=lambda s: click.echo(s, err=True))
 
 
 @click.command("vectorize")
@@ -78,3 +111,41 @@ def vectorize(raster, out, classes_file, min_area, simplify, block_rows, overwri
     files, n = vectorize_to_file(raster, out, classes=info, simplify=simplify, min_area=min_area,
                                  overwrite=overwrite, progress=not quiet, block_rows=block_rows)
     click.echo(f"{n} polygons -> {', '.join(str(f) for f in files)}", err=True)
+
+
+@click.command("eval")
+@click.option("--model", "bundle", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Model bundle (.safetensors) written by rsseg train.")
+@click.option("--dataset", type=click.Choice(list_datasets()), help="[default: the bundle's dataset]")
+@click.option("--data", "data_dir", help="Prepared folder or raw data root [default: the default data place].")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]),
+              help="test: the scored split (LoveDA: the official Val set; its Test labels are not "
+                   "public, see predict --format loveda); val: rsseg's held-out model-selection split.")
+@click.option("--tta", type=click.Choice(_TTA), default="none", show_default=True, help=_TTA_HELP)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write scores and the protocol (TTA views/scales, metric convention, split) as JSON.")
+@click.option("--compare-paper", is_flag=True,
+              help="Print the paper's published figure for this model and dataset beside ours.")
+@click.option("--batch-size", default=1, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def eval_cmd(bundle, dataset, data_dir, split, tta, json_path, compare_paper, batch_size, device) -> None:
+    """Per-class IoU/F1, mIoU, mF1 and OA of a bundle from one global confusion matrix."""
+    from rsseg.train.evaluate import evaluate, write_json
+
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    result = evaluate(bundle, dataset, data_dir, split, None if tta == "none" else tta,
+                      batch_size=batch_size, device=device, progress=True)
+    click.echo(result.format_table())
+    if compare_paper:
+        from dataclasses import asdict
+
+        from rsseg.train.paper_scores import comparison_text, paper_score
+
+        click.echo(comparison_text(result.model_name, result.dataset, result.miou, result.mf1,
+                                   result.oa))
+        published = paper_score(result.model_name, result.dataset)
+        result.extra["paper"] = asdict(published) if published else None
+    if json_path:
+        write_json(result, json_path)
+        click.echo(f"scores written to {json_path}")

@@ -107,6 +107,7 @@ class EvalResult:
             "OA": self.oa,
             "mean_classes": [self.class_names[i] for i in self.mean_classes],
             "convention": self.convention,
+            **({"paper": self.extra["paper"]} if "paper" in self.extra else {}),
             "confusion_matrix": self.confusion.astype(int).tolist(),
             "patches": self.patches,
             "pixels": self.pixels,
