@@ -186,3 +186,15 @@ def test_loveda_submission_refuses_a_non_loveda_bundle(loveda, tmp_path):
     meta.class_names = list(get_spec("vaihingen").classes) + ["x"]
     with pytest.raises(BundleError, match="LoveDA's classes"):
         check_loveda_bundle(meta)
+
+
+def test_loveda_test_images_are_found_in_test_zip(tmp_path):
+    from rsseg.data.layouts import find_loveda_test_images
+
+    make_loveda(tmp_path / "raw", counts={"Train": 2, "Test": 3}, size=16, zipped=True)
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["Test.zip", "Train.zip"]
+    images = find_loveda_test_images(tmp_path / "raw", tmp_path / "work")
+    assert [p.name for p in images] == ["2.png", "3.png", "4.png"]  # Train images 0, 1 left out
+    assert all(p.parent.name == "images_png" and p.parent.parent.parent.name == "Test" for p in images)
+    with pytest.raises(DataError, match="no LoveDA Test images"):
+        find_loveda_test_images(tmp_path / "work", tmp_path / "work2")
