@@ -12,9 +12,13 @@ import importlib
 import importlib.util
 from typing import Any
 
+import warnings
+
 import click
 
 from rsseg.errors import RssegError
+
+_python_showwarning = warnings.showwarning
 
 # name -> "module:attribute" of a click.Command, in the order the user meets them.
 _COMMANDS: dict[str, str] = {
@@ -24,6 +28,7 @@ _COMMANDS: dict[str, str] = {
     "prepare": "rsseg.commands.data:prepare",
     "train": "rsseg.commands.data:train",
     "eval": "rsseg.commands.data:eval_cmd",
+    "weights": "rsseg.commands.weights:weights",
     "predict": "rsseg.commands.infer:predict",
     "vectorize": "rsseg.commands.infer:vectorize",
 }
@@ -67,6 +72,16 @@ class _LazyGroup(click.Group):
             ctx.exit(130)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """rsseg's own warnings as one ``rsseg: warning:`` line; others as Python shows them."""
+    from rsseg.errors import RssegWarning
+
+    if issubclass(category, RssegWarning):
+        click.echo(f"rsseg: warning: {message}", err=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
 def _version() -> str:
     from rsseg import __version__
 
@@ -81,6 +96,7 @@ def main() -> None:
     Start with `rsseg demo`: it trains a small model on synthetic georeferenced data and writes a
     styled GeoPackage you can open in QGIS.
     """
+    warnings.showwarning = _show_warning
 
 
 @click.command("models")

@@ -62,6 +62,9 @@ class TrainConfig:
     # --- model
     model: str = "unet-r18"
     model_cfg: dict[str, Any] = field(default_factory=dict)
+    # Initial weights of the backbone: a name from ``rsseg weights``, a local file, "auto" (the
+    # weights the model's paper starts from; none for the smp baselines) or None (from scratch).
+    pretrained: str | None = "auto"
     # --- optimisation (GeoSeg defaults)
     epochs: int = 80
     max_steps: int = -1  # > 0 stops after that many optimizer steps
@@ -69,8 +72,9 @@ class TrainConfig:
     val_batch_size: int = 1
     lr: float = 6e-4
     # Learning rate for parameters whose name starts with "backbone." or "encoder." (smp uses
-    # "encoder."); None uses ``lr`` for everything.
-    backbone_lr: float | None = 6e-5
+    # "encoder."). "auto": lr / 10 when the backbone starts from pre-trained weights (GeoSeg's
+    # 6e-4 / 6e-5), lr when it trains from scratch; None uses ``lr`` for everything.
+    backbone_lr: float | str | None = "auto"
     weight_decay: float = 0.01
     scheduler: str = "cosine_restarts"  # "cosine_restarts" | "cosine" | "poly" | "none"
     t_0: int = 15  # CosineAnnealingWarmRestarts, in epochs
@@ -91,14 +95,19 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs"
     run_name: str | None = None  # None: "<model>-<dataset>"
-    val_every: int = 1  # validate every N epochs
+    val_every: int = 1  # validate every N epochs (and always at the final step)
+    # Which weights go into the bundle: "best" (validation mIoU) or "last" (the final step).
+    bundle_from: str = "best"
     limit_val_batches: int | float | None = None
     resume: str | None = None  # a checkpoint path, or "last" for the run's last.ckpt
     progress: bool = True
 
     def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with some fields changed (None values are ignored, so CLI flags can be passed)."""
+        """A copy with some fields changed (None values are ignored, so CLI flags can be passed;
+        pass ``pretrained=""`` to train from scratch)."""
         kept = {k: v for k, v in changes.items() if v is not None}
+        if kept.get("pretrained") == "":
+            kept["pretrained"] = None
         unknown = set(kept) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise UsageError(f"unknown training option(s): {', '.join(sorted(unknown))}")

@@ -7,6 +7,8 @@ Every failure a user can cause (a wrong name, a bad file, a missing dataset) is 
 
 from __future__ import annotations
 
+import warnings
+
 
 class RssegError(Exception):
     """Base class for user-facing errors. ``str(err)`` must be a single, self-contained line."""
@@ -35,3 +37,13 @@ class OutputError(RssegError):
 def unknown_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> UsageError:
     """The standard error for an unknown model/dataset/... name, listing the valid ones."""
     return UsageError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(valid)}")
+
+
+class RssegWarning(UserWarning):
+    """Something the user should know that does not stop the command; shown as one
+    ``rsseg: warning: ...`` line by the CLI."""
+
+
+def warn(message: str) -> None:
+    """Emit ``message`` as an :class:`RssegWarning` (one line, shown once per call site)."""
+    warnings.warn(message, RssegWarning, stacklevel=2)

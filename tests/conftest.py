@@ -12,6 +12,14 @@ SHARED_DIR = REPO_ROOT.parent / "shared"
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Tests never see a developer's weights caches, and never try the network for weights.
+    import tempfile
+
+    empty = tempfile.mkdtemp(prefix="rsseg-test-caches-")
+    os.environ["RSSEG_WEIGHTS"] = os.path.join(empty, "weights")
+    os.environ["HF_HOME"] = os.path.join(empty, "hf")
+    os.environ["TORCH_HOME"] = os.path.join(empty, "torch")
+    os.environ["HF_HUB_OFFLINE"] = "1"
     # Under pytest-xdist every worker gets an equal share of the cores, so that parallel workers
     # do not oversubscribe the CPU with torch's intra-op threads.
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

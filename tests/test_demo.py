@@ -30,6 +30,18 @@ def test_quick_demo_writes_qgis_ready_outputs(tmp_path):
     con = sqlite3.connect(out / "landcover.gpkg")
     assert con.execute("SELECT f_table_name, useAsDefault FROM layer_styles").fetchall() == [("landcover", 1)]
     con.close()
+    # The bundle is the final step's (last.ckpt), which was validated too.
+    import torch
+
+    from rsseg.bundle import load_bundle
+
+    model, meta = load_bundle(out / "runs" / "demo" / "best.safetensors")
+    assert meta.extra["bundle_from"] == "last"
+    last = torch.load(out / "runs" / "demo" / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=True)
+    assert last["global_step"] == 2  # --quick trains 2 steps
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, last["state_dict"]["model." + key])
     preview = Image.open(out / "preview.png")
     assert preview.size == (2 * 200 + 8, 96)
     # Running it again into the same folder needs --overwrite.

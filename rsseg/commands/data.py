@@ -66,7 +66,9 @@ def prepare(dataset, data_root, out, patch, stride, test_stride, bands, val_frac
 @click.option("--crop-size", type=int)
 @click.option("--patch-size", type=int, help="Patch size to prepare raw data with.")
 @click.option("--lr", type=float)
-@click.option("--backbone-lr", type=float)
+@click.option("--backbone-lr", type=float, help="Backbone learning rate [default: lr/10 with pre-trained weights, else lr].")
+@click.option("--pretrained", help="Initial backbone weights: a name from `rsseg weights` or a local file [default: the paper's].")
+@click.option("--no-pretrained", is_flag=True, help="Train the backbone from scratch (the papers' numbers assume pre-training).")
 @click.option("--workers", type=int, help="Data-loader workers per process [default: min(8, CPUs / devices)].")
 @click.option("--devices", help="Number of devices (or 'auto'); >1 trains with DDP.")
 @click.option("--num-nodes", type=int)
@@ -77,7 +79,7 @@ def prepare(dataset, data_root, out, patch, stride, test_stride, bands, val_frac
 @click.option("--name", "run_name", help="Run name [default: <model>-<dataset>].")
 @click.option("--resume", is_flag=True, help="Continue the named run from its last checkpoint.")
 @click.option("--resume-from", type=click.Path(dir_okay=False), help="Continue from this checkpoint.")
-def train(config_path, resume, resume_from, devices, **options) -> None:
+def train(config_path, resume, resume_from, devices, no_pretrained, **options) -> None:
     """Train a model with Lightning; writes checkpoints, metrics and a model bundle."""
     from rsseg.config import TrainConfig, load_config
     from rsseg.train.fit import train as run_training
@@ -91,6 +93,10 @@ def train(config_path, resume, resume_from, devices, **options) -> None:
     if options.get("model") and options["model"] != cfg.model:
         # A preset's model options belong to its own model; another model starts from its defaults.
         cfg = cfg.replace(model_cfg={})
+    if no_pretrained:
+        if options.get("pretrained"):
+            raise click.UsageError("--pretrained and --no-pretrained exclude each other")
+        options["pretrained"] = ""  # replace() turns "" into None: from scratch
     cfg = cfg.replace(**options, devices=_devices(devices),
                       resume=resume_from or ("last" if resume else None))
     result = run_training(cfg)

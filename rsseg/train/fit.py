@@ -21,7 +21,7 @@ import yaml
 from rsseg.config import TrainConfig
 from rsseg.data.prepare import ensure_prepared, read_manifest
 from rsseg.data.specs import get_spec
-from rsseg.errors import DataError, UsageError
+from rsseg.errors import DataError, UsageError, warn
 
 # Set by the launching process so that DDP worker processes (which re-run the command) use the
 # same run folder instead of picking a fresh one.
@@ -103,16 +103,76 @@ def default_workers(cfg: TrainConfig) -> int:
     return max(1, min(8, (os.cpu_count() or 1) // local))
 
 
+@dataclass
+class InitialWeights:
+    """Where a run's backbone starts: a local file (and its catalogue name), or scratch."""
+
+    path: Path | None
+    name: str | None  # catalogue name, or None for a plain file / scratch
+    sha256: str | None = None
+
+    @property
+    def pretrained(self) -> bool:
+        return self.path is not None
+
+
+def initial_weights(cfg: TrainConfig) -> InitialWeights:
+    """Resolve ``cfg.pretrained`` to a local file before any work (one line if it is absent)."""
+    from rsseg.weights import CATALOGUE, default_weights, resolve_weights, verify_checksum, weights_keyword
+
+    if weights_keyword(cfg.model) in cfg.model_cfg:  # a file given the old way, in model_cfg
+        given = cfg.model_cfg[weights_keyword(cfg.model)]
+        return InitialWeights(Path(given) if given else None, None)
+    choice = cfg.pretrained
+    if choice == "auto":
+        choice = default_weights(cfg.model, cfg.model_cfg)
+    if not choice:
+        return InitialWeights(None, None)
+    path, entry = resolve_weights(choice, cfg.model)
+    if entry is not None and entry.model_cfg:
+        current = {"backbone": "resnet18", **cfg.model_cfg}  # MAFMamba's default backbone
+        if any(current.get(k) != v for k, v in entry.model_cfg.items()):
+            options = ", ".join(f"{k}: {v}" for k, v in entry.model_cfg.items())
+            raise UsageError(f"weights {choice} need the model option(s) {options} in model_cfg")
+    digest = verify_checksum(entry, path) if entry is not None else None
+    return InitialWeights(path, choice if choice in CATALOGUE else None, digest)
+
+
+def effective_backbone_lr(cfg: TrainConfig, pretrained: bool) -> float:
+    """``backbone_lr`` with "auto" resolved: lr / 10 to fine-tune pre-trained weights, lr from scratch."""
+    if cfg.backbone_lr == "auto":
+        return cfg.lr / 10 if pretrained else cfg.lr
+    if cfg.backbone_lr is None:
+        return cfg.lr
+    try:
+        return float(cfg.backbone_lr)
+    except (TypeError, ValueError):
+        raise UsageError(f"backbone_lr must be a number, 'auto' or null, got {cfg.backbone_lr!r}") from None
+
+
 def _validate(cfg: TrainConfig) -> None:
     from rsseg.models.registry import model_info
 
     model_info(cfg.model)  # an unknown model fails now, not after preparing the data
+    if cfg.bundle_from not in ("best", "last"):
+        raise UsageError(f"bundle_from must be 'best' or 'last', got {cfg.bundle_from!r}")
     if cfg.batch_size < 1 or cfg.crop_size < 16 or cfg.patch_size < 16:
         raise UsageError("batch_size must be >= 1 and crop/patch sizes >= 16")
     if cfg.epochs < 1 and cfg.max_steps <= 0:
         raise UsageError("set epochs >= 1 or max_steps > 0")
     if cfg.scheduler not in ("cosine_restarts", "cosine", "poly", "none"):
         raise UsageError(f"unknown scheduler {cfg.scheduler!r}; valid: cosine_restarts, cosine, poly, none")
+    if cfg.scheduler == "cosine_restarts" and cfg.epochs > 0 and cfg.max_steps <= 0:
+        from rsseg.train.module import restart_cycle_ends
+
+        ends = restart_cycle_ends(cfg.t_0, cfg.t_mult, cfg.epochs)
+        if not ends or ends[-1] != cfg.epochs:
+            # Ending mid-cycle leaves the learning rate high at the last epoch (the issue GeoSeg's
+            # 105-epoch schedule has when run for 80 epochs).
+            warn(
+                f"cosine restarts with t_0 {cfg.t_0}, t_mult {cfg.t_mult} end cycles at epochs "
+                f"{ends or 'none'}; {cfg.epochs} epochs stop mid-cycle, at a high learning rate"
+            )
 
 
 def _quiet_lightning() -> None:
@@ -163,6 +223,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     from rsseg.train.module import SegmentationModule
 
     _validate(cfg)
+    weights = initial_weights(cfg)  # absent weights stop the run here, before any work
+    backbone_lr = effective_backbone_lr(cfg, weights.pretrained)
+    if not weights.pretrained and cfg.dataset != "synthetic":
+        from rsseg.weights import default_weights, is_paper_model
+
+        if is_paper_model(cfg.model) and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            warn(
+                f"{cfg.model} trains from scratch: the paper's numbers assume pre-trained "
+                f"weights ({default_weights(cfg.model, cfg.model_cfg)}); backbone learning rate "
+                f"{backbone_lr:g}"
+                + (" (raised to the head's)" if cfg.backbone_lr == "auto" else "")
+            )
     spec = get_spec(cfg.dataset)
     run_dir = _run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +249,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         if len(train_ds) == 0:
             raise DataError(f"{data_dir}: no training patches")
         in_channels = len(manifest["band_indexes"])
-        model = create_model(cfg.model, spec.num_classes, in_channels, **cfg.model_cfg)
+        from rsseg.weights import weights_keyword
+
+        model_cfg = dict(cfg.model_cfg)
+        if weights.path is not None:
+            model_cfg[weights_keyword(cfg.model)] = str(weights.path)
+        model = create_model(cfg.model, spec.num_classes, in_channels, **model_cfg)
         module = SegmentationModule(
             model,
             num_classes=spec.num_classes,
@@ -186,7 +263,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             std=manifest["std"],
             mean_classes=spec.mean_class_indices,
             lr=cfg.lr,
-            backbone_lr=cfg.backbone_lr,
+            backbone_lr=backbone_lr,
             weight_decay=cfg.weight_decay,
             scheduler=cfg.scheduler,
             t_0=cfg.t_0,
@@ -286,9 +363,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             best_miou = None
         bundle_path = None
         if trainer.is_global_zero:
-            weights = best_path if best_path and best_path.is_file() else last_path
-            if weights.is_file():
-                state = torch.load(weights, map_location="cpu", weights_only=True)["state_dict"]
+            use_best = cfg.bundle_from == "best" and best_path and best_path.is_file()
+            chosen = best_path if use_best else last_path
+            if chosen.is_file():
+                state = torch.load(chosen, map_location="cpu", weights_only=True)["state_dict"]
                 prefix = "model."
                 model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
             model.eval()
@@ -311,6 +389,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                     "band_set": manifest["bands"],
                     "data_dir": str(Path(data_dir).resolve()),
                     "train_config": cfg.to_dict(),
+                    "bundle_from": cfg.bundle_from,
+                    "initial_weights": {
+                        "name": weights.name,
+                        "file": str(weights.path) if weights.path else None,
+                        "sha256": weights.sha256,
+                    },
                 },
             )
             bundle_path = save_bundle(run_dir / "best.safetensors", model, meta)
