@@ -4,6 +4,7 @@ checked against hand-computed values and direct re-computations."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ import torch.nn.functional as F
 from rsseg.errors import UsageError
 from rsseg.models import count_parameters, create_model, parameter_count
 from rsseg.models.reload_mamba import (
+    ABLATIONS,
+    DirectionSubsetMamba,
     ReloadLevel,
     boundary_mask,
     boundary_weighted_cross_entropy,
@@ -23,6 +26,7 @@ from rsseg.models.reload_mamba import (
     ohem_cross_entropy,
     prior_boundary_bce,
 )
+from rsseg.models.ssm import FourDirectionMamba
 
 IGNORE = 9
 # A 4 x 5 label map with an ignored corner, and its boundary mask worked out by hand: a valid
@@ -145,6 +149,11 @@ def test_prior_loss_uses_max_pooled_boundaries_on_valid_cells() -> None:
     logits = torch.tensor([[[[0.5, -1.0], [3.0, 2.0]]]], dtype=torch.float64)
     expected = np.mean([math.log1p(math.exp(-x)) for x in (0.5, -1.0, 2.0)])  # -log sigmoid
     assert prior_boundary_bce([logits], labels, IGNORE).item() == pytest.approx(expected)
+    # Eq. (9) sums the levels: adding a 1x1 level whose (only) cell is a boundary adds its BCE.
+    coarse = torch.tensor([[[[0.3]]]], dtype=torch.float64)
+    assert prior_boundary_bce([logits, coarse], labels, IGNORE).item() == pytest.approx(
+        expected + math.log1p(math.exp(-0.3))
+    )
 
 
 def test_aux_loss_uses_nearest_downsampled_labels() -> None:
@@ -153,8 +162,9 @@ def test_aux_loss_uses_nearest_downsampled_labels() -> None:
     small = target[:, ::2, ::2]  # nearest at half size: [[0, 2], [9, 1]]
     logits = torch.randn(1, 3, 2, 2, dtype=torch.float64)
     ce = manual_cross_entropy(logits, small)[small != IGNORE]
+    # Eq. (34) sums the levels' CE: two identical heads give twice one head's mean CE.
     assert multilevel_aux_cross_entropy([logits, logits], target, IGNORE).item() == pytest.approx(
-        ce.mean().item()
+        2 * ce.mean().item()
     )
 
 
@@ -239,28 +249,259 @@ def test_loss_ignores_scores_at_ignored_pixels(model) -> None:
     assert model.compute_loss(changed, target, ignore_index=4).item() == pytest.approx(base.item())
 
 
-def test_parameter_count_near_paper_and_groups_partition_the_model() -> None:
-    total = parameter_count("reload-mamba", num_classes=150)
-    assert abs(total - 51e6) / 51e6 < 0.07  # paper: ~51 M with 150 classes (Section 4.5)
+# ---------------------------------------------------------------------------- capacity (Section 4.5)
+
+# Section 4.5 breakdown (M parameters, 150 classes) and Table 14's width sweep.
+PAPER_GROUPS = {
+    "encoder": 28.0,
+    "decoder": 5.0,
+    "mamba_blocks_and_gates": 14.0,
+    "aux_heads_and_fusion": 1.5,
+    "edge_prior_and_head": 2.5,
+}
+PAPER_WIDTH_SWEEP = {(96, 96, 96): 47e6, (192, 128, 96): 51e6, (256, 192, 96): 56e6, (384, 192, 96): 62e6}
+
+
+def meta_model(**cfg) -> torch.nn.Module:
     with torch.device("meta"):
-        net = create_model("reload-mamba", num_classes=150)
-        reference_encoder = timm.create_model("convnext_tiny", features_only=True)
+        return create_model("reload-mamba", num_classes=cfg.pop("num_classes", 150), **cfg)
+
+
+def group_sizes(net) -> dict[str, int]:
+    return {name: sum(p.numel() for p in params) for name, params in net.parameter_groups().items()}
+
+
+def test_parameter_groups_match_section_4_5_and_partition_the_model() -> None:
+    net = meta_model()
     groups = net.parameter_groups()
     ids = [id(p) for params in groups.values() for p in params]
     assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in net.parameters()}
-    assert sum(p.numel() for p in groups["encoder"]) == count_parameters(reference_encoder)
-    assert count_parameters(net) == total
+    total = count_parameters(net)
+    assert total == parameter_count("reload-mamba", num_classes=150)
+    assert abs(total - 51e6) / 51e6 < 0.03
+    sizes = group_sizes(net)
+    with torch.device("meta"):
+        reference_encoder = timm.create_model("convnext_tiny", features_only=True)
+    assert sizes["encoder"] == count_parameters(reference_encoder)
+    for name, paper in PAPER_GROUPS.items():
+        assert abs(sizes[name] / 1e6 - paper) / paper < 0.07, (name, sizes[name])
 
 
-def test_local_encoder_weights_are_loaded_and_missing_file_refused(tmp_path) -> None:
+@pytest.mark.parametrize("widths", list(PAPER_WIDTH_SWEEP))
+def test_width_sweep_within_seven_percent_of_table_14(widths) -> None:
+    total = parameter_count("reload-mamba", num_classes=150, widths=widths)
+    assert abs(total - PAPER_WIDTH_SWEEP[widths]) / PAPER_WIDTH_SWEEP[widths] < 0.07
+    # Only the Mamba scans and their attention follow the widths: the head and edge branch stay.
+    assert group_sizes(meta_model(widths=widths))["edge_prior_and_head"] == group_sizes(
+        meta_model()
+    )["edge_prior_and_head"]
+
+
+# ---------------------------------------------------------------------------- ablation switches
+
+DECODER_WIDTHS = {"D3": 384, "D2": 192, "D1": 96}
+
+
+def test_every_named_ablation_builds_and_unknown_names_and_bad_combinations_are_refused() -> None:
+    for name in ABLATIONS:
+        assert count_parameters(meta_model(ablation=name)) > 0, name
+    with pytest.raises(UsageError, match="unknown ablation"):
+        meta_model(ablation="table99/x")
+    with pytest.raises(UsageError, match="gate_uncertainty needs an aux_head"):
+        meta_model(aux_head=None)
+    with pytest.raises(UsageError, match="directions"):
+        meta_model(directions=["right", "diagonal"])
+    with pytest.raises(UsageError, match="levels"):
+        meta_model(levels=["D4"])
+
+
+def test_gate_input_switches_remove_exactly_their_input_channels() -> None:
+    full = count_parameters(meta_model())
+    # U is one input channel of the gate's first 3x3 conv (C outputs) at each level.
+    assert full - count_parameters(meta_model(gate_uncertainty=False)) == sum(
+        9 * c for c in DECODER_WIDTHS.values()
+    )
+    # F - F_ctx is C input channels of that conv.
+    assert full - count_parameters(meta_model(gate_change=False)) == sum(
+        9 * c * c for c in DECODER_WIDTHS.values()
+    )
+    # Prior modulation, gate scaling, prior supervision and aux placement change no parameter.
+    for cfg in ({"gate_prior": False}, {"max_reload": 1.0}, {"prior_supervision": False},
+                {"aux_head": "post"}):
+        assert count_parameters(meta_model(**cfg)) == full, cfg
+
+
+def test_restore_modes_and_table_5_rows_have_the_modules_the_tables_imply() -> None:
+    context = meta_model(ablation="table7/context-only")
+    assert all(level.gate is None and level.prior is None for level in context.levels.values())
+    assert all(level.aux_head is not None for level in context.levels.values())
+    baseline = meta_model(ablation="table5/baseline")
+    assert len(baseline.levels) == 0 and baseline.edge_prior is None and len(baseline.fusions) == 0
+    edge = meta_model(ablation="table5/edge-prior")
+    assert edge.edge_prior is not None
+    assert count_parameters(edge) - count_parameters(baseline) == count_parameters(edge.edge_prior) + (
+        32 * 64  # the detail fusion's first 1x1 conv also reads the 32 edge channels
+    )
+    scan = meta_model(ablation="table5/directional-scan")
+    (level,) = scan.levels.values()
+    assert list(scan.levels) == ["D1"] and level.gate is None and level.prior is None
+    assert level.aux_head is None
+    gate = meta_model(ablation="table5/single-level-gate")
+    assert gate.levels["D1"].gate is not None and gate.levels["D1"].aux_head is None
+    assert not gate.prior_supervision
+
+
+def test_level_placement_builds_the_fusions_from_the_coarsest_reloaded_level() -> None:
+    assert list(meta_model().fusions) == ["D2", "D1"]
+    d3 = meta_model(ablation="table10/D3")
+    assert list(d3.levels) == ["D3"] and list(d3.fusions) == ["D2", "D1"]
+    d1 = meta_model(ablation="table10/D1")
+    assert list(d1.levels) == ["D1"] and list(d1.fusions) == []
+    d21 = meta_model(ablation="table10/D2+D1")
+    assert list(d21.levels) == ["D2", "D1"] and list(d21.fusions) == ["D1"]
+    post = meta_model(ablation="table10/post-upsampling")
+    assert len(post.levels) == 0 and post.head.post_level is not None
+    # The post-upsampling level counts with the Reload modules, not with the head.
+    assert group_sizes(post)["edge_prior_and_head"] == group_sizes(meta_model())["edge_prior_and_head"]
+
+
+def test_direction_switch_keeps_k_of_four_scans_and_drops_attention_for_one() -> None:
+    full = meta_model()
+    for directions in (["right"], ["down", "up"], ["right", "left", "down"]):
+        net = meta_model(directions=directions)
+        for name, level in net.levels.items():
+            four = count_parameters(full.levels[name].scans)
+            assert count_parameters(level.scans) * 4 == four * len(directions)
+            assert (level.direction_attention is None) == (len(directions) == 1)
+
+
+def test_direction_subset_scans_equal_the_same_directions_of_the_four_direction_block() -> None:
+    torch.manual_seed(8)
+    subset = DirectionSubsetMamba(6, ("left", "up"), d_state=4)
+    four = FourDirectionMamba(6, d_state=4)
+    idx, di = subset.index, four.d_inner
+    rows = torch.cat([torch.arange(i * di, (i + 1) * di) for i in idx])
+    with torch.no_grad():
+        for name in ("in_proj_weight", "x_proj_weight", "dt_proj_weight", "dt_proj_bias",
+                     "out_proj_weight"):
+            getattr(four, name)[idx] = getattr(subset, name)
+        four.A_log[rows] = subset.A_log
+        four.D[rows] = subset.D
+        four.conv1d.weight[rows] = subset.conv1d.weight
+        four.conv1d.bias[rows] = subset.conv1d.bias
+        x = torch.randn(2, 6, 5, 7)
+        assert torch.allclose(subset(x), four(x)[:, idx], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["table5/scan+edge-prior", "table7/residual", "table8/two-axis",
+                                  "table10/D3+D1", "table10/post-upsampling", "table13/post-reload"])
+def test_ablation_variants_train_and_predict(name) -> None:
+    torch.manual_seed(9)
+    net = create_model("reload-mamba", num_classes=3, ablation=name)
+    net.train()
+    outputs = net(torch.randn(1, 3, 32, 40))
+    assert outputs["out"].shape == (1, 3, 32, 40)
+    loss = net.compute_loss(outputs, torch.randint(0, 3, (1, 32, 40)), ignore_index=3)
+    assert torch.isfinite(loss)
+    loss.backward()
+    net.eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 32, 40)).shape == (1, 3, 32, 40)
+
+
+def test_aux_head_placement_pre_reload_is_independent_of_the_gate_post_reload_is_not() -> None:
+    x = torch.randn(1, 8, 6, 5)
+    for placement, depends in (("pre", False), ("post", True)):
+        torch.manual_seed(10)
+        level = ReloadLevel(8, 8, num_classes=3, aux_head=placement).eval()
+        with torch.no_grad():
+            before = level(x)[1]
+            level.gate[-1].bias.add_(3.0)
+            after = level(x)[1]
+        assert torch.allclose(before, after) != depends, placement
+
+
+def test_prior_supervision_switch_drops_the_prior_term() -> None:
+    torch.manual_seed(11)
+    target = torch.randint(0, 3, (1, 16, 16))
+    outputs = {"out": torch.randn(1, 3, 16, 16), "aux": [torch.randn(1, 3, 4, 4)],
+               "prior": [torch.randn(1, 1, 4, 4)]}
+    changed = {**outputs, "prior": [torch.randn(1, 1, 4, 4) * 5]}
+    implicit = meta_model(num_classes=3, prior_supervision=False)
+    explicit = meta_model(num_classes=3)
+    assert implicit.compute_loss(outputs, target, 3).item() == pytest.approx(
+        implicit.compute_loss(changed, target, 3).item()
+    )
+    assert explicit.compute_loss(outputs, target, 3).item() != pytest.approx(
+        explicit.compute_loss(changed, target, 3).item()
+    )
+
+
+# ---------------------------------------------------------------------------- encoder weights
+
+
+def fb_layout(timm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's ConvNeXt names -> the original Facebook release's (the inverse of timm's
+    checkpoint_filter_fn rules: downsample_layers, stages.i.j, dwconv, pwconv, norm, head)."""
+    fb = {}
+    for key, value in timm_state.items():
+        k = key.replace("stem.", "downsample_layers.0.")
+        k = re.sub(r"stages\.(\d+)\.downsample\.", r"downsample_layers.\1.", k)
+        k = re.sub(r"stages\.(\d+)\.blocks\.(\d+)", r"stages.\1.\2", k)
+        k = k.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv")
+        k = k.replace("head.norm.", "norm.").replace("head.fc.", "head.")
+        fb[k] = value
+    return fb
+
+
+@pytest.fixture(scope="module")
+def imagenet_state() -> dict[str, torch.Tensor]:
+    """Random values under timm's own convnext_tiny names and shapes (1000 classes)."""
+    torch.manual_seed(12)
+    shapes = timm.create_model("convnext_tiny", pretrained=False).state_dict()
+    return {k: torch.randn(v.shape) for k, v in shapes.items()}
+
+
+def assert_encoder_holds(net, state: dict[str, torch.Tensor]) -> None:
+    loaded = net.encoder.state_dict()
+    backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
+    assert len(loaded) == len(backbone)
+    for key, value in backbone.items():
+        features_key = re.sub(r"^(stem|stages)\.(\d+)", r"\1_\2", key)
+        assert torch.equal(loaded[features_key], value), key
+
+
+def test_timm_layout_weights_land_in_the_encoder(tmp_path, imagenet_state) -> None:
     from safetensors.torch import save_file
 
-    torch.manual_seed(6)
-    source = timm.create_model("convnext_tiny", pretrained=False)
-    path = tmp_path / "convnext_tiny.safetensors"
-    save_file(source.state_dict(), str(path))
+    path = tmp_path / "model.safetensors"
+    save_file(imagenet_state, str(path))
     net = create_model("reload-mamba", num_classes=3, pretrained=str(path))
-    loaded = net.encoder.stages_3.blocks[2].mlp.fc2.weight
-    assert torch.equal(loaded, source.stages[3].blocks[2].mlp.fc2.weight)
+    assert_encoder_holds(net, imagenet_state)
+
+
+def test_facebook_layout_weights_land_in_the_encoder(tmp_path, imagenet_state) -> None:
+    fb = fb_layout(imagenet_state)
+    assert "downsample_layers.0.0.weight" in fb and "stages.3.2.pwconv2.weight" in fb
+    assert "norm.weight" in fb and not any(k.startswith("head.norm") for k in fb)
+    path = tmp_path / "convnext_tiny_1k_224_ema.pth"
+    torch.save({"model": fb}, path)
+    net = create_model("reload-mamba", num_classes=3, pretrained=str(path))
+    assert_encoder_holds(net, imagenet_state)
+
+
+def test_weights_that_do_not_fit_are_refused_in_one_line(tmp_path, imagenet_state) -> None:
     with pytest.raises(UsageError, match="not found"):
         create_model("reload-mamba", num_classes=3, pretrained=str(tmp_path / "nope.pth"))
+    truncated = tmp_path / "truncated.pth"
+    torch.save({"model": fb_layout(imagenet_state)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    with pytest.raises(UsageError) as refused:
+        create_model("reload-mamba", num_classes=3, pretrained=str(truncated))
+    assert "\n" not in str(refused.value)
+    partial = {k: v for k, v in imagenet_state.items() if ".stages.3." not in f".{k}"}
+    path = tmp_path / "partial.pth"
+    torch.save(partial, path)
+    with pytest.raises(UsageError, match="missing") as refused:
+        create_model("reload-mamba", num_classes=3, pretrained=str(path))
+    assert "\n" not in str(refused.value)
