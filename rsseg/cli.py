@@ -27,7 +27,7 @@ _COMMANDS: dict[str, str] = {
     "datasets": "rsseg.cli:datasets",
     "prepare": "rsseg.commands.data:prepare",
     "train": "rsseg.commands.data:train",
-    "eval": "rsseg.commands.data:eval_cmd",
+    "eval": "rsseg.commands.infer:eval_cmd",
     "weights": "rsseg.commands.weights:weights",
     "predict": "rsseg.commands.infer:predict",
     "vectorize": "rsseg.commands.infer:vectorize",

@@ -1,5 +1,5 @@
-"""``rsseg prepare``, ``rsseg train`` and ``rsseg eval``: thin click layers over
-:mod:`rsseg.data.prepare`, :mod:`rsseg.train.fit` and :mod:`rsseg.train.evaluate`."""
+"""``rsseg prepare`` and ``rsseg train``: thin click layers over :mod:`rsseg.data.prepare` and
+:mod:`rsseg.train.fit` (``rsseg eval`` lives beside predict in :mod:`rsseg.commands.infer`)."""
 
 from __future__ import annotations
 
@@ -103,28 +103,3 @@ def train(config_path, resume, resume_from, devices, no_pretrained, **options) -
     if result.bundle_path is not None:
         score = "n/a" if result.best_val_miou is None else f"{100 * result.best_val_miou:.2f}"
         click.echo(f"best validation mIoU {score}; bundle {result.bundle_path}; run folder {result.run_dir}")
-
-
-@click.command("eval")
-@click.option("--model", "bundle", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Model bundle (.safetensors) written by rsseg train.")
-@click.option("--dataset", type=click.Choice(list_datasets()), help="[default: the bundle's dataset]")
-@click.option("--data", "data_dir", help="Prepared folder or raw data root [default: the default data place].")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
-@click.option("--tta", type=click.Choice(["flip", "d4", "ms"]), help="Test-time augmentation.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write scores as JSON.")
-@click.option("--batch-size", default=1, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-def eval_cmd(bundle, dataset, data_dir, split, tta, json_path, batch_size, device) -> None:
-    """Per-class IoU/F1, mIoU, mF1 and OA of a bundle from one global confusion matrix."""
-    from rsseg.train.evaluate import evaluate, write_json
-
-    result = evaluate(bundle, dataset, data_dir, split, tta, batch_size=batch_size, device=device,
-                      progress=True)
-    click.echo(result.format_table())
-    if json_path:
-        write_json(result, json_path)
-        click.echo(f"scores written to {json_path}")
-
-
-__all__ = ["prepare", "train", "eval_cmd"]
