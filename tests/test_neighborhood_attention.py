@@ -99,3 +99,12 @@ def test_adaptive_dilation_follows_eq1():
     assert adaptive_dilation(128, 128, 11) == (11, 11)  # stage 1 of a 512 input
     assert adaptive_dilation(64, 30, 9) == (7, 3)
     assert adaptive_dilation(5, 7, 7) == (1, 1)  # smaller than the window: clamped to 1
+
+
+def test_released_dilation_cap_at_the_kernel():
+    # the released model uses min(H // K, K): equal to eq. 1 until a side exceeds K * K
+    assert adaptive_dilation(128, 128, 11, max_dilation=11) == (11, 11)
+    assert adaptive_dilation(256, 150, 11, max_dilation=11) == (11, 11)
+    assert adaptive_dilation(256, 150, 11) == (23, 13)
+    assert adaptive_dilation(200, 40, 7, max_dilation=7) == (7, 5)
+    assert adaptive_dilation(5, 7, 7, max_dilation=7) == (1, 1)

@@ -144,9 +144,18 @@ class _NeighbourAV(torch.autograd.Function):
         return grad_attn, grad_v, None, None
 
 
-def adaptive_dilation(height: int, width: int, kernel: int) -> tuple[int, int]:
-    """A2Mamba eq. 1: ``r = (int(H / K), int(W / K))``, at least 1 on each axis."""
-    return max(1, height // kernel), max(1, width // kernel)
+def adaptive_dilation(
+    height: int, width: int, kernel: int, max_dilation: int | None = None
+) -> tuple[int, int]:
+    """A2Mamba eq. 1: ``r = (int(H / K), int(W / K))``, at least 1 on each axis.
+
+    ``max_dilation``: upper bound per axis; the authors' released model caps ``r`` at ``K``
+    (``min(H // K, K)``), which only matters once a side exceeds ``K * K`` (121 at stage 1).
+    """
+    rows, cols = max(1, height // kernel), max(1, width // kernel)
+    if max_dilation is not None:
+        rows, cols = min(rows, max_dilation), min(cols, max_dilation)
+    return rows, cols
 
 
 def neighbourhood_attention_map(

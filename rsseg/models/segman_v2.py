@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsseg.errors import DataError
-from rsseg.models.a2mamba import A2MAMBA_SIZES, A2Mamba, A2MambaBlock, A2MambaSize, init_weights
+from rsseg.models.a2mamba import A2MAMBA_SIZES, A2Mamba, A2MambaSize, PaperA2MambaBlock, init_weights
+from rsseg.models.checkpoints import CheckpointError, adapt_stem, load_state_strict, read_state_dict
 from rsseg.models.registry import register_model
 
 PAPER = "A2Mamba / SegMAN-V2 (Lou, Fu, Yu 2025)"
@@ -84,7 +84,7 @@ class MMRefine(nn.Module):
         self.interim = _conv_bn_relu(dim, dim, 3, stride=2)
         self.branch2 = _conv_bn_relu(dim, dim, 3, stride=2)
         self.branch3 = _conv_bn_relu(4 * dim, dim, 1)
-        self.context = A2MambaBlock(3 * dim, heads, kernel_size=1, mlp_ratio=2.0, mode="global")
+        self.context = PaperA2MambaBlock(3 * dim, heads, kernel_size=1, mlp_ratio=2.0, mode="global")
         self.out = _conv_bn_relu(3 * dim, dim, 1)
         self.local = DilatedRepConv(dim)
 
@@ -131,7 +131,12 @@ class SegMANV2Decoder(nn.Module):
 
 
 class SegMANV2(nn.Module):
-    """A2Mamba backbone + SegMAN-V2 decoder; ``forward`` returns logits at the input size."""
+    """A2Mamba backbone + SegMAN-V2 decoder; ``forward`` returns logits at the input size.
+
+    ``pretrained``: a local A2Mamba checkpoint file (official release or rsseg layout), loaded
+    into the backbone by :func:`load_backbone_weights`. ``backbone_variant``: ``"released"``
+    (default, the authors' released model; official checkpoints fit it) or ``"paper"``.
+    """
 
     def __init__(
         self,
@@ -140,10 +145,11 @@ class SegMANV2(nn.Module):
         size: A2MambaSize,
         widths: DecoderWidths,
         drop_path_rate: float = 0.0,
-        pretrained: str | None = None,
+        pretrained: str | Path | None = None,
+        backbone_variant: str = "released",
     ) -> None:
         super().__init__()
-        self.backbone = A2Mamba(size, in_channels, drop_path_rate)
+        self.backbone = A2Mamba(size, in_channels, drop_path_rate, backbone_variant)
         self.decoder = SegMANV2Decoder(size.dims, widths, num_classes)
         self.decoder.apply(init_weights)
         if pretrained:
@@ -154,47 +160,80 @@ class SegMANV2(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def load_backbone_weights(backbone: nn.Module, path: str) -> None:
-    """Load A2Mamba weights from a local ``.safetensors`` or ``.pt``/``.pth`` file (never
-    downloaded, never unpickled: ``weights_only=True``). Keys may carry a ``backbone.`` prefix;
-    the stem is skipped when its band count differs from the file's."""
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"pretrained backbone weights not found: {file}")
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(file))
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-    except Exception as exc:  # any unreadable file is the user's data problem
-        raise DataError(f"cannot read pretrained weights {file}: {exc}") from exc
-    state = {k.removeprefix("backbone."): v for k, v in state.items()}
-    own = backbone.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if len(usable) < len(own) // 2:
-        raise DataError(
-            f"{file} does not hold rsseg A2Mamba weights for this size ({len(usable)}/{len(own)} tensors match)"
-        )
-    backbone.load_state_dict(usable, strict=False)
+# The released classification head (1x1 conv to 1024, BN, SiLU, pooling, 1x1 conv to 1000
+# classes): the only tensors of an official checkpoint that the backbone has no use for.
+RELEASED_HEAD_KEYS = (
+    "classifier.0.weight",
+    "classifier.0.bias",
+    "classifier.1.weight",
+    "classifier.1.bias",
+    "classifier.1.running_mean",
+    "classifier.1.running_var",
+    "classifier.1.num_batches_tracked",
+    "classifier.4.weight",
+    "classifier.4.bias",
+)
+STEM_WEIGHT = "patch_embed.0.weight"
 
 
-# Decoder widths per size, fitted so that parameters with 150 classes match Table VII.
+def load_backbone_weights(backbone: A2Mamba, path: str | Path) -> None:
+    """Load A2Mamba weights from a local file into ``backbone``, strictly.
+
+    Accepts the official ImageNet-1K checkpoints (``a2mamba_{nano,tiny,small,base,large}.pth``,
+    plain or under ``"model"`` / ``"state_dict"``), mmseg-style files with ``backbone.``
+    prefixes, and rsseg's own backbone state dicts (``.safetensors`` or torch files, read with
+    ``weights_only=True``; nothing is downloaded). The released classification head is dropped;
+    every other tensor must match the backbone's keys and shapes exactly, or a one-line
+    :class:`~rsseg.models.checkpoints.CheckpointError` is raised. An RGB stem is adapted to
+    other band counts.
+    """
+    what = "A2Mamba weights"
+    state = {k.removeprefix("backbone."): v for k, v in read_state_dict(path, what=what).items()}
+    state = {k: v for k, v in state.items() if k not in RELEASED_HEAD_KEYS}
+    stem = state.get(STEM_WEIGHT)
+    in_channels = backbone.patch_embed[0].in_channels
+    if stem is not None and stem.dim() == 4 and stem.shape[1] == 3 and in_channels != 3:
+        state[STEM_WEIGHT] = adapt_stem(stem, in_channels)
+    _check_shared_tensors(backbone, state, what=f"{what} {path}")
+    load_state_strict(backbone, state, what=f"{what} {path}")
+
+
+def _check_shared_tensors(module: nn.Module, state: dict[str, Tensor], *, what: str) -> None:
+    """Keys that name one tensor of ``module`` (the shared SLA/DLA position table) must hold
+    equal values in the file: loading would otherwise keep one and silently drop the other."""
+    first_key: dict[int, str] = {}
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        original = first_key.setdefault(id(tensor), key)
+        if original == key or key not in state or original not in state:
+            continue
+        if state[key].shape == state[original].shape and not torch.equal(state[key], state[original]):
+            raise CheckpointError(
+                f"{what}: {key} and {original} differ, but they are one shared table in A2Mamba"
+            )
+
+
+# Decoder widths per size, fitted so that parameters with 150 classes match Table VII (Tiny:
+# Table XIII, the decoder roadmap on A2Mamba-T, 18 M) with the released backbone.
 _VARIANTS: dict[str, tuple[str, DecoderWidths, float, str]] = {
     "segman-v2-n": ("nano", DecoderWidths(proj=152, dim=152, low=32, refine_heads=8), 0.1, "6.6 M"),
-    "segman-v2-s": ("small", DecoderWidths(proj=144, dim=144, low=48, refine_heads=8), 0.1, "32 M"),
-    "segman-v2-b": ("base", DecoderWidths(proj=208, dim=208, low=48, refine_heads=12), 0.1, "56 M"),
-    "segman-v2-l": ("large", DecoderWidths(proj=312, dim=312, low=64, refine_heads=12), 0.1, "108 M"),
+    "segman-v2-t": ("tiny", DecoderWidths(proj=160, dim=160, low=48, refine_heads=8), 0.1, "18 M"),
+    "segman-v2-s": ("small", DecoderWidths(proj=136, dim=136, low=48, refine_heads=8), 0.1, "32 M"),
+    "segman-v2-b": ("base", DecoderWidths(proj=200, dim=200, low=48, refine_heads=12), 0.1, "56 M"),
+    "segman-v2-l": ("large", DecoderWidths(proj=320, dim=320, low=64, refine_heads=12), 0.1, "108 M"),
 }
 
 
 def _make_builder(name: str, size_name: str, widths: DecoderWidths, drop_path: float, paper_params: str):
     def build(
-        num_classes: int, in_channels: int, drop_path_rate: float = drop_path, pretrained: str | None = None
+        num_classes: int,
+        in_channels: int,
+        drop_path_rate: float = drop_path,
+        pretrained: str | None = None,
+        backbone_variant: str = "released",
     ) -> SegMANV2:
-        return SegMANV2(num_classes, in_channels, A2MAMBA_SIZES[size_name], widths, drop_path_rate, pretrained)
+        return SegMANV2(
+            num_classes, in_channels, A2MAMBA_SIZES[size_name], widths, drop_path_rate, pretrained, backbone_variant
+        )
 
     build.__name__ = name.replace("-", "_")
     register_model(
