@@ -1,4 +1,5 @@
-"""Training augmentations applied identically to image and label (GeoSeg protocol).
+"""Training augmentations applied identically to image and label (GeoSeg protocol), and colour
+jitter, applied to the image only (Reload-Mamba section 4.2).
 
 Written in plain torch on purpose: the known trap of the reference code is results that depend
 on an augmentation library's version. All randomness comes from torch's global generator, which
@@ -99,6 +100,58 @@ def mosaic(samples: list[tuple[torch.Tensor, torch.Tensor]], ignore_index: int
     return image, mask
 
 
+# ITU-R 601 luma weights (torchvision's rgb_to_grayscale), for three-band images.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def source_value_range(dtype: torch.dtype, image: torch.Tensor) -> tuple[float, float]:
+    """The range an image's values must stay in: its integer type's range (uint8: 0-255), or,
+    for float sources, [0, inf) when the image has no negative value and unbounded otherwise."""
+    if not dtype.is_floating_point:
+        info = torch.iinfo(dtype)
+        return float(info.min), float(info.max)
+    return (0.0 if bool((image >= 0).all()) else float("-inf")), float("inf")
+
+
+def color_jitter(image: torch.Tensor, strength: float, p: float = 1.0,
+                 value_range: tuple[float, float] = (0.0, 255.0)) -> torch.Tensor:
+    """Random brightness, contrast and saturation (in that order), each by a factor drawn
+    uniformly in [1 - strength, 1 + strength], all three with probability ``p``; the label is
+    never touched. Works in source units and clamps to ``value_range`` after each step.
+
+    - brightness: x * b;
+    - contrast: (x - m) * c + m, m the mean grey level (luma of a 3-band image; each band's own
+      mean for other band counts, whose bands need not share units);
+    - saturation: (x - grey) * s + grey with grey the per-pixel luma; only for 3-band images:
+      other band counts have no colour to saturate, so it leaves them unchanged (its factor is
+      still drawn, so the random stream does not depend on the band count).
+
+    Returns a float32 image; ``strength`` 0 returns it unchanged and draws nothing.
+    """
+    if strength <= 0:
+        return image
+    apply = bool(torch.rand(()) < p)
+    factors = 1.0 + strength * (2.0 * torch.rand(3) - 1.0)  # brightness, contrast, saturation
+    image = image.float()
+    if not apply:
+        return image
+    low, high = value_range
+    brightness, contrast, saturation = factors.tolist()
+    three_bands = image.shape[0] == 3
+    luma = torch.tensor(_LUMA).view(3, 1, 1) if three_bands else None
+
+    def grey(x: torch.Tensor) -> torch.Tensor:
+        return (x * luma).sum(dim=0, keepdim=True)
+
+    image = (image * brightness).clamp(low, high)
+    mean = grey(image).mean() if three_bands else image.mean(dim=(1, 2), keepdim=True)
+    image = ((image - mean) * contrast + mean).clamp(low, high)
+    if three_bands:
+        g = grey(image)
+        image = ((image - g) * saturation + g).clamp(low, high)
+    return image
+
+
 def _crop(image: torch.Tensor, mask: torch.Tensor, size: int, cfg: AugmentConfig,
           ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     if cfg.smart_crop:
@@ -117,13 +170,15 @@ def _resize(image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int]
 
 def train_transform(image: torch.Tensor, mask: torch.Tensor, cfg: AugmentConfig, crop_size: int,
                     ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random scale -> (smart) crop to ``crop_size`` -> flips / rot90; returns (float32 image,
-    int64 label). Mosaic happens before, in the dataset, because it needs other samples.
+    """Random scale -> (smart) crop to ``crop_size`` -> flips / rot90 -> colour jitter (image
+    only, when ``cfg.color_jitter`` > 0); returns (float32 image, int64 label). Mosaic happens
+    before, in the dataset, because it needs other samples.
 
     Same result as GeoSeg's "rescale the whole patch, then crop", but for an enlarging scale s it
     crops the ``crop_size / s`` window the crop would come from and resizes only that window
     (image bilinear, label nearest): resizing the whole 1024 px patch dominated the loader's time.
     """
+    source_dtype = image.dtype  # resizing turns the image to float: keep the source's range
     scales = tuple(cfg.scales) or (1.0,)
     factor = scales[_choice(len(scales))]
     if factor < 1.0:  # shrinking: resize the (smaller) result first, then crop/pad as usual
@@ -136,4 +191,7 @@ def train_transform(image: torch.Tensor, mask: torch.Tensor, cfg: AugmentConfig,
         if window != crop_size:
             image, mask = _resize(image, mask, (crop_size, crop_size))
     image, mask = flips_rot90(image, mask, cfg)
+    if cfg.color_jitter > 0:
+        image = color_jitter(image, cfg.color_jitter, cfg.color_jitter_p,
+                             source_value_range(source_dtype, image))
     return image.float().contiguous(), mask.long().contiguous()
