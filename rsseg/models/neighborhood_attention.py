@@ -150,7 +150,7 @@ def adaptive_dilation(
     """A2Mamba eq. 1: ``r = (int(H / K), int(W / K))``, at least 1 on each axis.
 
     ``max_dilation``: upper bound per axis; the authors' released model caps ``r`` at ``K``
-    (``min(H // K, K)``), which only matters once a side exceeds ``K * K`` (121 at stage 1).
+    (``min(H // K, K)``), which only matters once a side reaches ``K * (K + 1)``.
     """
     rows, cols = max(1, height // kernel), max(1, width // kernel)
     if max_dilation is not None:
