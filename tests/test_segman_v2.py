@@ -215,14 +215,12 @@ def test_layer_scale_and_res_scale_follow_the_released_sizes():
     assert block.layer_scale1.weight.shape == (32, 1, 1, 1)
     torch.testing.assert_close(block.layer_scale1.weight, torch.full((32, 1, 1, 1), 0.5))
     assert base.scale_init == (1.0, 1.0, 1e-6, 1e-6) and all(base.layer_scale)
-    # res-scale scales the shortcut: with the MASS/FFN branches zeroed the block is s2(s1(x')+...)
+    # res-scale scales the shortcut: with both branches and both DW convs zeroed, out = s2(s1(x))
     torch.manual_seed(7)
     with torch.no_grad():
-        block.token_mixer.proj[1].weight.zero_()
-        block.token_mixer.proj[1].bias.zero_()
-        block.mlp.fc2.weight.zero_()
-        block.mlp.fc2.bias.zero_()
-        block.cpe1.weight.zero_(), block.cpe1.bias.zero_(), block.cpe2.weight.zero_(), block.cpe2.bias.zero_()
+        for conv in (block.token_mixer.proj[1], block.mlp.fc2, block.cpe1, block.cpe2):
+            conv.weight.zero_()
+            conv.bias.zero_()
         block.layer_scale1.bias.fill_(0.25)
     x = torch.randn(1, 32, 5, 5)
     out = block(x, RotaryEmbedding2d(32, 2)(5, 5))
