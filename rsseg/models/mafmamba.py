@@ -42,6 +42,13 @@ from rsseg.models.registry import register_model
 from rsseg.models.ssm import VSSLayer
 
 ENCODER_CHANNELS = (64, 128, 256, 512)  # ResNet-18 layer1..layer4
+# Table 6's encoder backbones: timm names. The rest of the network takes its widths from the
+# backbone's four stages (ResNet-50 256..2048, Swin-T 96..768).
+BACKBONES = {
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "swin_t": "swin_tiny_patch4_window7_224",
+}
 OUTPUT_STRIDE = 32
 
 
@@ -240,47 +247,102 @@ class ASF(nn.Module):
 # The network
 
 
-def _load_backbone_weights(encoder: nn.Module, pretrained: Any, in_channels: int) -> None:
-    """Load ImageNet ResNet-18 weights from a local file (torchvision/timm key names)."""
+def _load_backbone_weights(encoder: nn.Module, pretrained: Any, in_channels: int, kind: str) -> None:
+    """Load ImageNet ResNet weights from a local file (torchvision / timm key names), strictly."""
+    from rsseg.models.checkpoints import adapt_stem, check_state_fits, read_state_dict
+
     looks_like_hub_name = isinstance(pretrained, str) and not Path(pretrained).suffix
     if pretrained is True or (looks_like_hub_name and not Path(pretrained).exists()):
         raise UsageError(
-            "MAFMamba never downloads weights; set 'pretrained' to a local ResNet-18 file "
-            f"(.pth or .safetensors), got {pretrained!r}"
+            f"MAFMamba never downloads weights; set 'pretrained' to a local {kind} file "
+            f"(.pth or .safetensors; `rsseg weights mafmamba` says where to get it), got {pretrained!r}"
         )
-    path = Path(pretrained)
-    if not path.is_file():
-        raise DataError(f"ResNet-18 weights file not found: {path}")
+    state = read_state_dict(pretrained, what=f"{kind} weights")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # the classifier
+    if "conv1.weight" in state:
+        state["conv1.weight"] = adapt_stem(state["conv1.weight"], in_channels)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+        check_state_fits(encoder.state_dict(), state, what=f"{pretrained} as {kind} weights")
+    except DataError as exc:
+        raise DataError(f"{exc} (is it a {kind} state dict?)") from None
+    nn.Module.load_state_dict(encoder, state, strict=True)
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's data problem
-        raise DataError(f"cannot read ResNet-18 weights {path}: {exc}") from exc
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise DataError(f"{path} does not hold a state dict")
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
-    conv1 = state.get("conv1.weight")
-    if conv1 is not None and conv1.shape[1] != in_channels:
-        from timm.models import adapt_input_conv
 
-        state["conv1.weight"] = adapt_input_conv(in_channels, conv1)
-    own = encoder.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise DataError(
-            f"{path} is not a ResNet-18 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    try:
-        encoder.load_state_dict(state)
-    except RuntimeError as exc:
-        raise DataError(f"{path}: tensor shapes do not match ResNet-18: {exc}") from exc
+def _swin_backbone(in_channels: int, pretrained: Any) -> nn.Module:
+    """Swin-T features (Table 6), optionally from a local ImageNet file (timm's or Microsoft's
+    layout), loaded strictly: timm's own loader is lenient for feature extractors."""
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    from rsseg.models.checkpoints import adapt_stem, check_state_fits, read_state_dict
+
+    options = dict(in_chans=in_channels, strict_img_size=False)  # any input size: windows pad
+    features = timm.create_model(BACKBONES["swin_t"], features_only=True, out_indices=(0, 1, 2, 3),
+                                 pretrained=False, **options)
+    if not pretrained:
+        return features
+    full = timm.create_model(BACKBONES["swin_t"], pretrained=False, **options)
+    state = checkpoint_filter_fn(read_state_dict(pretrained, what="Swin-T weights"), full)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}  # the classifier
+    if "patch_embed.proj.weight" in state:
+        state["patch_embed.proj.weight"] = adapt_stem(state["patch_embed.proj.weight"], in_channels)
+    own = {k: v for k, v in full.state_dict().items() if not k.startswith("head.")}
+    # Index tables and masks are rebuilt from the window size, never taken from a file.
+    rebuilt = [k for k in own if k.endswith(("relative_position_index", "attn_mask"))]
+    state = {k: v for k, v in state.items() if k not in rebuilt}
+    check_state_fits(own, state, what=f"{pretrained} as Swin-T weights", optional=rebuilt)
+    nn.Module.load_state_dict(full, state, strict=False)
+    renamed = {k.replace("layers.", "layers_", 1): v for k, v in full.state_dict().items()}
+    features.load_state_dict({k: renamed[k] for k in features.state_dict()}, strict=True)
+    return features
+
+
+class ProjectedFeatures(nn.Module):
+    """A backbone whose four stages are projected (1x1 conv + BN + ReLU) to other widths.
+
+    Used for Table 6's ResNet-50: the paper says Swin-T (71.82 M) is the largest of its three
+    encoders, which ResNet-50 at its native widths (256..2048) would not be (269 M); projected to
+    ResNet-18's widths it is ~43 M, and its extra cost is the backbone's alone, as the paper's
+    "nearly doubles the FLOPs" implies.
+    """
+
+    def __init__(self, features: nn.Module, widths: Sequence[int]) -> None:
+        super().__init__()
+        self.features = features
+        self.proj = nn.ModuleList(
+            ConvBNReLU(c, w, 1) for c, w in zip(features.feature_info.channels(), widths))
+        self.out_channels = tuple(widths)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [p(f) for p, f in zip(self.proj, self.features(x))]
+
+
+class NHWCToNCHW(nn.Module):
+    """Swin's feature maps come channels-last; the rest of MAFMamba is channels-first."""
+
+    def __init__(self, features: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+        self.out_channels = tuple(features.feature_info.channels())
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [f.permute(0, 3, 1, 2).contiguous() for f in self.features(x)]
+
+
+def build_backbone(name: str, in_channels: int, pretrained: Any = None) -> nn.Module:
+    """One of Table 6's encoders as a four-stage feature extractor (strides 4, 8, 16, 32)."""
+    if name not in BACKBONES:
+        raise unknown_name("MAFMamba backbone", name, list(BACKBONES))
+    if name == "swin_t":
+        return NHWCToNCHW(_swin_backbone(in_channels, pretrained))
+    encoder = timm.create_model(BACKBONES[name], features_only=True, out_indices=(1, 2, 3, 4),
+                                pretrained=False, in_chans=in_channels)
+    if pretrained:
+        _load_backbone_weights(encoder, pretrained, in_channels, {"resnet18": "ResNet-18",
+                                                                   "resnet50": "ResNet-50"}[name])
+    if name == "resnet50":
+        return ProjectedFeatures(encoder, ENCODER_CHANNELS)
+    encoder.out_channels = tuple(encoder.feature_info.channels())
+    return encoder
 
 
 class MAFMamba(nn.Module):
@@ -292,6 +354,7 @@ class MAFMamba(nn.Module):
         in_channels: int = 3,
         *,
         pretrained: str | None = None,
+        backbone: str = "resnet18",
         encoder_vss_depths: Sequence[int] = (2, 2, 9, 2),
         decoder_channels: int = 64,
         decoder_vss_depth: int = 1,
@@ -313,13 +376,8 @@ class MAFMamba(nn.Module):
         if len(encoder_vss_depths) != 4:
             raise UsageError(f"encoder_vss_depths needs 4 values, got {list(encoder_vss_depths)}")
         # Kept for the trainer: the backbone is fine-tuned at a reduced learning rate (3.1).
-        self.backbone = timm.create_model(
-            "resnet18", features_only=True, out_indices=(1, 2, 3, 4), pretrained=False,
-            in_chans=in_channels,
-        )
-        if pretrained:
-            _load_backbone_weights(self.backbone, pretrained, in_channels)
-        ch = ENCODER_CHANNELS
+        self.backbone = build_backbone(backbone, in_channels, pretrained)
+        ch = self.backbone.out_channels
         self.ammb = (
             nn.ModuleList(
                 AMMB(i, ch, encoder_vss_depths[i], d_state, drop_path, msaf_attention,
