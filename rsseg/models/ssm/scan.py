@@ -12,6 +12,7 @@ Shapes follow mamba-ssm: ``u, delta, z`` (b, d, l); ``A`` (d, n); ``B, C`` (b, n
 Backend choice: the ``backend`` argument, else the environment variable ``RSSEG_SCAN_BACKEND``,
 else ``auto`` (the CUDA kernel when the tensors are on a GPU and the kernel supports them, the
 torch scan otherwise). mamba-ssm is imported lazily on first CUDA use, never at import time.
+On a GPU without mamba-ssm, ``auto`` uses the Triton kernel of :mod:`.triton_scan` (``triton``).
 
 The torch scan is hand-written because no library offers an exact CPU selective scan. It splits
 the sequence into chunks of about sqrt(length), runs the recurrence inside all chunks at once
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from rsseg.errors import UsageError, unknown_name
 
-BACKENDS = ("auto", "torch", "cuda")
+BACKENDS = ("auto", "torch", "cuda", "triton")
 ENV_VAR = "RSSEG_SCAN_BACKEND"
 
 # Sizes of the torch scan's work units, in elements of one (batch, channel, state, position)
@@ -110,14 +111,35 @@ def resolve_backend(
     backend: str | None, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     z: Tensor | None = None,
 ) -> str:
-    """``torch`` or ``cuda`` for these inputs; asking for ``cuda`` where it cannot run is a UsageError."""
+    """``torch``, ``cuda`` or ``triton`` for these inputs; asking for a backend where it cannot run
+    is a UsageError. ``auto``: on CUDA tensors mamba-ssm's kernel, else the Triton kernel, else the
+    torch scan; on CPU tensors the torch scan."""
     name = requested_backend(backend)
     if name == "torch":
         return "torch"
+    if name == "triton":
+        triton_reason = triton_unsupported_reason(u, delta, A, B, C, z)
+        if triton_reason is not None:
+            raise UsageError(f"scan backend 'triton' cannot run: {triton_reason}")
+        return "triton"
     reason = kernel_unsupported_reason(u, delta, A, B, C, z)
     if name == "cuda" and reason is not None:
         raise UsageError(f"scan backend 'cuda' cannot run: {reason}")
-    return "torch" if reason is not None else "cuda"
+    if reason is None:
+        return "cuda"
+    # auto without mamba-ssm: Triton on GPUs only (on CPU its interpreter is for tests, not speed).
+    if u.device.type == "cuda" and triton_unsupported_reason(u, delta, A, B, C, z) is None:
+        return "triton"
+    return "torch"
+
+
+def triton_unsupported_reason(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, z: Tensor | None = None
+) -> str | None:
+    """Why the Triton kernel cannot run on these inputs, or None; triton is imported only here."""
+    from rsseg.models.ssm import triton_scan
+
+    return triton_scan.triton_unsupported_reason(u, delta, A, B, C, z)
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,7 +166,13 @@ def selective_scan(
     state (b, d, n) in float32 (float64 for float64 inputs), as mamba-ssm does.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    if resolve_backend(backend, u, delta, A, B, C, z) == "cuda":
+    chosen = resolve_backend(backend, u, delta, A, B, C, z)
+    if chosen == "triton":
+        from rsseg.models.ssm.triton_scan import triton_selective_scan
+
+        y, last = triton_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return (y, last) if return_last_state else y
+    if chosen == "cuda":
         kernel = _load_kernel()
         assert kernel is not None
         out = kernel(
