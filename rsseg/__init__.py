@@ -1,7 +1,9 @@
 """rsseg: semantic segmentation of high-resolution remote-sensing imagery.
 
-``create_model`` and ``list_models`` are loaded on first use so that ``import rsseg`` (and the
-CLI's --help / --version) do not pay for importing torch.
+The Python API mirrors the command line: ``rsseg.train``, ``rsseg.evaluate``, ``rsseg.predict``,
+``rsseg.vectorize``, ``rsseg.load_bundle`` (see :mod:`rsseg.api`), plus ``create_model`` and
+``list_models``. They are loaded on first use so that ``import rsseg`` (and the CLI's --help /
+--version) do not pay for importing torch.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__", "create_model", "list_models"]
+_API = ("train", "train_config", "evaluate", "predict", "vectorize", "load_bundle")
+__all__ = ["__version__", "create_model", "list_models", *_API]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,4 +25,8 @@ def __getattr__(name: str) -> Any:
         from rsseg.models import registry
 
         return getattr(registry, name)
+    if name in _API:
+        from rsseg import api
+
+        return getattr(api, name)
     raise AttributeError(f"module 'rsseg' has no attribute {name!r}")

@@ -25,10 +25,12 @@ _COMMANDS: dict[str, str] = {
     "demo": "rsseg.commands.demo:demo",
     "models": "rsseg.cli:models",
     "datasets": "rsseg.cli:datasets",
+    "configs": "rsseg.cli:configs",
     "prepare": "rsseg.commands.data:prepare",
     "train": "rsseg.commands.data:train",
     "eval": "rsseg.commands.infer:eval_cmd",
     "weights": "rsseg.commands.weights:weights",
+    "plot": "rsseg.commands.plot:plot",
     "predict": "rsseg.commands.infer:predict",
     "vectorize": "rsseg.commands.infer:vectorize",
 }
@@ -106,16 +108,41 @@ def main() -> None:
               help="Number of input bands the parameter count is given for.")
 @click.argument("names", nargs=-1)
 def models(num_classes: int, in_channels: int, names: tuple[str, ...]) -> None:
-    """List the models (or only NAMES): name, paper, parameters, input bands."""
-    from rsseg.models.registry import list_models, model_info, parameter_count
+    """List the models in one table that fits 100 columns; with NAMES, every detail of each
+    (paper, description, options, initial weights, docs)."""
+    from pathlib import Path
 
-    rows = []
-    for name in names or list_models():
+    from rsseg.models.registry import list_models, model_info, parameter_count
+    from rsseg.weights import default_weights
+
+    if not names:
+        rows = []
+        for name in list_models():
+            info = model_info(name)
+            params = parameter_count(name, num_classes=num_classes, in_channels=in_channels)
+            # The paper's short title: "Li, Yang & Fan, MAFMamba: A ..." -> "MAFMamba".
+            paper = info.paper.split(":")[0].split("(")[0].strip().split(", ")[-1]
+            rows.append((name, f"{params / 1e6:.2f} M", default_weights(name) or "-", paper[:28]))
+        header = ("model", f"params ({num_classes} cl.)", "initial weights", "paper")
+        click.echo(_table(header, rows))
+        click.echo("\nDetails: rsseg models NAME")
+        return
+    docs = Path(__file__).resolve().parents[1] / "docs" / "models"
+    for name in names:
         info = model_info(name)
         params = parameter_count(name, num_classes=num_classes, in_channels=in_channels)
-        bands = "any" if info.any_in_channels else str(in_channels)
-        rows.append((name, info.paper, f"{params / 1e6:.2f} M", bands))
-    click.echo(_table(("model", "paper", f"parameters ({num_classes} classes)", "input bands"), rows))
+        click.echo(f"{name}")
+        click.echo(f"  paper:       {info.paper}")
+        if info.description:
+            click.echo(f"  description: {info.description}")
+        click.echo(f"  parameters:  {params / 1e6:.2f} M ({num_classes} classes, {in_channels} bands)")
+        click.echo(f"  input bands: {'any' if info.any_in_channels else in_channels}")
+        if info.default_cfg:
+            click.echo(f"  options:     {info.default_cfg}")
+        click.echo(f"  weights:     {default_weights(name) or 'none by default'} (rsseg weights {name})")
+        family = next((d for d in sorted(docs.glob('*.md')) if name.startswith(d.stem)), None)
+        if family is not None:
+            click.echo(f"  docs:        docs/models/{family.name}")
 
 
 @click.command("datasets")
@@ -139,6 +166,21 @@ def datasets(names: tuple[str, ...]) -> None:
         ]
         click.echo(_indent(_table(("id", "class", "colour", "rgb"), rows), "  "))
         click.echo("")
+
+
+@click.command("configs")
+def configs() -> None:
+    """List the training presets (`rsseg train --config NAME`): name, model, dataset, summary."""
+    from rsseg.config import CONFIG_DIR, list_configs, load_config
+
+    rows = []
+    for name in list_configs():
+        cfg = load_config(name)
+        first = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()[0]
+        summary = first.lstrip("# ").split(". ")[0] if first.startswith("#") else ""
+        rows.append((name, cfg.model, cfg.dataset, summary[:60]))
+    click.echo(_table(("config", "model", "dataset", "summary"), rows))
+    click.echo(f"\nfiles: {CONFIG_DIR.resolve()}")
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:

@@ -17,6 +17,8 @@ import yaml
 
 from rsseg.errors import UsageError
 
+# The presets are the repository's top-level configs/ folder; rsseg/configs links to it, so an
+# installed package (whose wheel carries copies) and a checkout find them at the same place.
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -103,6 +105,9 @@ class TrainConfig:
     limit_val_batches: int | float | None = None
     resume: str | None = None  # a checkpoint path, or "last" for the run's last.ckpt
     progress: bool = True
+    # Metrics loggers: "csv" (logs/metrics.csv, always written) or "tensorboard" (csv as well,
+    # plus TensorBoard event files in tb/; needs the tensorboard package: rsseg[tensorboard]).
+    logger: str = "csv"
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed (None values are ignored, so CLI flags can be passed;
@@ -137,6 +142,39 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
     """A TrainConfig from a plain mapping (as read from YAML)."""
     return _build(TrainConfig, data, where)
+
+
+def apply_overrides(cfg: TrainConfig, items: list[str] | tuple[str, ...]) -> TrainConfig:
+    """``cfg`` with dotted ``key=value`` overrides applied (``--set``), e.g. ``lr=1e-4``,
+    ``augment.scales=[0.5,1.0]``, ``model_cfg.backbone=swin_t``. Values are read as YAML, so
+    numbers, lists, ``null`` and ``true`` work; unknown keys are refused as in config files."""
+    data = cfg.to_dict()
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set expects key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as text; a user means a number
+            for number in (int, float):
+                try:
+                    value = number(value)
+                    break
+                except ValueError:
+                    pass
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None and part == "model_cfg":
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UsageError(f"--set {item!r}: {'.'.join(parts[: i + 1])} has no sub-keys")
+            node = child
+        node[parts[-1]] = value
+    return config_from_dict(data, where="--set")
 
 
 def list_configs() -> list[str]:

@@ -35,14 +35,18 @@ def test_console_script_is_installed() -> None:
     assert result.returncode == 0 and result.stdout.strip() == f"rsseg, version {rsseg.__version__}"
 
 
-def test_models_table_lists_baselines_with_smp_counts() -> None:
-    result = _run("models", "unet-r18", "fpn-r50")
+def test_models_table_fits_100_columns_and_names_details() -> None:
+    result = _run("models")
     assert result.exit_code == 0, result.output
-    rows = {line.split()[0]: line for line in result.output.splitlines()[2:]}
-    assert set(rows) == {"unet-r18", "fpn-r50"}
-    for name, row in rows.items():
-        assert f"{parameter_count(name) / 1e6:.2f} M" in row
-        assert row.rstrip().endswith("any")
+    assert max(len(line) for line in result.output.splitlines()) <= 100
+    rows = {line.split()[0]: line for line in result.output.splitlines()[2:] if line.strip()}
+    assert f"{parameter_count('fpn-r50') / 1e6:.2f} M" in rows["fpn-r50"]
+    assert "resnet18.fb_swsl_ig1b_ft_in1k" in rows["mafmamba"] and "MAFMamba" in rows["mafmamba"]
+    detail = _run("models", "unet-r18", "segret-t")
+    assert detail.exit_code == 0, detail.output
+    blocks = detail.output.split("\nsegret-t\n")
+    assert f"{parameter_count('unet-r18') / 1e6:.2f} M" in blocks[0] and "input bands: any" in blocks[0]
+    assert "rmt-t.in1k" in blocks[1] and "docs/models/segret.md" in blocks[1]
 
 
 @pytest.mark.parametrize(

@@ -75,30 +75,26 @@ def prepare(dataset, data_root, out, patch, stride, test_stride, bands, val_frac
 @click.option("--accelerator", help="auto, cpu, gpu ...")
 @click.option("--precision", help="e.g. 32-true, 16-mixed, bf16-mixed [default: mixed on GPU].")
 @click.option("--seed", type=int)
-@click.option("-o", "--output", "output_dir", help="Folder for runs [default: runs].")
+@click.option("-o", "--out", "--output", "output_dir", help="Folder for runs [default: runs].")
 @click.option("--name", "run_name", help="Run name [default: <model>-<dataset>].")
 @click.option("--resume", is_flag=True, help="Continue the named run from its last checkpoint.")
 @click.option("--resume-from", type=click.Path(dir_okay=False), help="Continue from this checkpoint.")
-def train(config_path, resume, resume_from, devices, no_pretrained, **options) -> None:
+@click.option("--logger", type=click.Choice(["csv", "tensorboard"]),
+              help="Metrics logger: csv (always written) or tensorboard as well (pip install 'rsseg[tensorboard]').")
+@click.option("--set", "set_items", multiple=True, metavar="KEY=VALUE",
+              help="Override any config field, dotted for nested ones (e.g. --set augment.mosaic_p=0 "
+                   "--set model_cfg.backbone=swin_t); repeatable; values are YAML.")
+@click.option("--print-config", is_flag=True, help="Print the fully resolved config and exit without training.")
+def train(config_path, resume, resume_from, devices, no_pretrained, set_items, print_config, **options) -> None:
     """Train a model with Lightning; writes checkpoints, metrics and a model bundle."""
-    from rsseg.config import TrainConfig, load_config
+    from rsseg.api import describe_config, train_config
     from rsseg.train.fit import train as run_training
 
-    if config_path:
-        cfg = load_config(config_path)
-    elif options.get("dataset") == "synthetic":
-        cfg = load_config("cpu-tiny")  # generated data: a run that finishes in minutes on a CPU
-    else:
-        cfg = TrainConfig()
-    if options.get("model") and options["model"] != cfg.model:
-        # A preset's model options belong to its own model; another model starts from its defaults.
-        cfg = cfg.replace(model_cfg={})
-    if no_pretrained:
-        if options.get("pretrained"):
-            raise click.UsageError("--pretrained and --no-pretrained exclude each other")
-        options["pretrained"] = ""  # replace() turns "" into None: from scratch
-    cfg = cfg.replace(**options, devices=_devices(devices),
-                      resume=resume_from or ("last" if resume else None))
+    cfg = train_config(config_path, set_items=set_items, no_pretrained=no_pretrained, **options,
+                       devices=_devices(devices), resume=resume_from or ("last" if resume else None))
+    if print_config:
+        click.echo(describe_config(cfg), nl=False)
+        return
     result = run_training(cfg)
     if result.bundle_path is not None:
         score = "n/a" if result.best_val_miou is None else f"{100 * result.best_val_miou:.2f}"

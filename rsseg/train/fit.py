@@ -2,7 +2,7 @@
 
 Run folder ``<output_dir>/<run_name>/``: ``config.yaml`` (the resolved config),
 ``checkpoints/best.ckpt`` (best validation mIoU) and ``checkpoints/last.ckpt``, ``logs/metrics.csv``
-(TensorBoard events too when tensorboard is installed) and ``best.safetensors``, the bundle that
+(TensorBoard event files in ``tb/`` with ``logger: tensorboard``) and ``best.safetensors``, the bundle that
 ``rsseg eval`` and ``rsseg predict`` take.
 """
 
@@ -154,6 +154,13 @@ def _validate(cfg: TrainConfig) -> None:
     from rsseg.models.registry import model_info
 
     model_info(cfg.model)  # an unknown model fails now, not after preparing the data
+    if cfg.logger not in ("csv", "tensorboard"):
+        raise UsageError(f"unknown logger {cfg.logger!r}; valid loggers: csv, tensorboard")
+    if cfg.logger == "tensorboard":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise UsageError("--logger tensorboard needs the tensorboard package: pip install 'rsseg[tensorboard]'")
     if cfg.bundle_from not in ("best", "last"):
         raise UsageError(f"bundle_from must be 'best' or 'last', got {cfg.bundle_from!r}")
     if cfg.batch_size < 1 or cfg.crop_size < 16 or cfg.patch_size < 16:
@@ -297,13 +304,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 n += 1
             log_version = f"resumed-{n}"
         loggers: list = [CSVLogger(save_dir=str(run_dir), name="logs", version=log_version)]
-        try:
-            import tensorboard  # noqa: F401
+        if cfg.logger == "tensorboard":
             from lightning.pytorch.loggers import TensorBoardLogger
 
-            loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tb", version=""))
-        except ImportError:
-            pass
+            loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tb", version=log_version))
 
         multi = (isinstance(cfg.devices, int) and cfg.devices > 1) or cfg.num_nodes > 1
         steps_per_epoch = max(1, len(train_loader))

@@ -1,0 +1,117 @@
+"""rsseg's Python API: the same operations as the command line, as functions.
+
+``rsseg train``, ``rsseg eval``, ``rsseg predict``, ``rsseg vectorize`` are thin click layers over
+these; everything they do is reachable from Python::
+
+    import rsseg
+
+    result = rsseg.train("cpu-tiny", max_steps=50, out="runs")      # preset name, file or TrainConfig
+    scores = rsseg.evaluate(result.bundle_path, split="test")
+    model, meta = rsseg.load_bundle(result.bundle_path)
+
+Messages go through the ``rsseg`` logger (``logging``), not ``print``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rsseg.config import TrainConfig
+    from rsseg.train.evaluate import EvalResult
+    from rsseg.train.fit import TrainResult
+
+log = logging.getLogger("rsseg")
+
+# Keyword names the API and the CLI accept for TrainConfig fields they spell differently.
+_ALIASES = {"out": "output_dir", "output": "output_dir", "name": "run_name", "data": "data_dir"}
+
+
+def train_config(
+    config: str | os.PathLike[str] | TrainConfig | None = None,
+    *,
+    set_items: list[str] | tuple[str, ...] = (),
+    no_pretrained: bool = False,
+    **options: Any,
+) -> TrainConfig:
+    """The fully resolved training configuration, as ``rsseg train`` builds it.
+
+    ``config``: a preset name (``rsseg configs``), a YAML file, a TrainConfig, or None (the
+    ``cpu-tiny`` preset for ``dataset="synthetic"``, else the defaults). ``options`` override
+    fields (None values are ignored, so CLI flags pass through); ``set_items`` are dotted
+    ``key=value`` overrides applied last; ``no_pretrained`` trains the backbone from scratch.
+    """
+    from rsseg.config import TrainConfig, apply_overrides, load_config
+    from rsseg.errors import UsageError
+
+    options = {_ALIASES.get(k, k): v for k, v in options.items()}
+    if isinstance(config, TrainConfig):
+        cfg = config
+    elif config:
+        cfg = load_config(config)
+    elif options.get("dataset") == "synthetic":
+        cfg = load_config("cpu-tiny")  # generated data: a run that finishes in minutes on a CPU
+    else:
+        cfg = TrainConfig()
+    if options.get("model") and options["model"] != cfg.model:
+        # A preset's model options belong to its own model; another model starts from its defaults.
+        cfg = cfg.replace(model_cfg={})
+    if no_pretrained:
+        if options.get("pretrained"):
+            raise UsageError("--pretrained and --no-pretrained exclude each other")
+        options["pretrained"] = ""  # replace() turns "" into None: from scratch
+    cfg = cfg.replace(**options)
+    return apply_overrides(cfg, list(set_items)) if set_items else cfg
+
+
+def describe_config(cfg: TrainConfig) -> str:
+    """``cfg`` as YAML, followed by what its automatic values resolve to on this machine."""
+    import yaml
+
+    from rsseg.errors import RssegError
+    from rsseg.train.fit import effective_backbone_lr, initial_weights
+
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    try:
+        weights = initial_weights(cfg)
+        source = f"{weights.name or 'file'}: {weights.path}" if weights.path else "none (from scratch)"
+        lr = effective_backbone_lr(cfg, weights.pretrained)
+    except RssegError as exc:
+        source, lr = f"not available here ({exc})", effective_backbone_lr(cfg, True)
+    return text + f"# resolved: initial weights {source}\n# resolved: backbone_lr {lr:g}\n"
+
+
+def train(
+    config: str | os.PathLike[str] | TrainConfig | None = None,
+    *,
+    set_items: list[str] | tuple[str, ...] = (),
+    no_pretrained: bool = False,
+    **options: Any,
+) -> TrainResult:
+    """Train a model; returns where the bundle, checkpoints and logs are (see :func:`train_config`)."""
+    from rsseg.train.fit import train as run_training
+
+    cfg = train_config(config, set_items=set_items, no_pretrained=no_pretrained, **options)
+    result = run_training(cfg)
+    if result.bundle_path is not None:
+        log.info("bundle %s; run folder %s", result.bundle_path, result.run_dir)
+    return result
+
+
+def evaluate(model: str | os.PathLike[str], dataset: str | None = None, **options: Any) -> EvalResult:
+    """Score a bundle on a prepared split from one global confusion matrix
+    (:func:`rsseg.train.evaluate.evaluate`: ``data_dir``, ``split``, ``tta``, ``batch_size``,
+    ``device``, ``progress``)."""
+    from rsseg.train.evaluate import evaluate as run_evaluation
+
+    return run_evaluation(Path(model), dataset, **options)
+
+
+def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> tuple[Any, Any]:
+    """(model in eval mode, BundleMeta) of a ``.safetensors`` bundle written by ``rsseg train``."""
+    from rsseg.bundle import load_bundle as read
+
+    return read(path, device=device)
