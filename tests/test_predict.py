@@ -161,6 +161,32 @@ def test_class_raster_is_a_georeferenced_paletted_cog_with_names(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch left
 
 
+
+def test_class_raster_carries_names_in_the_tiff_and_a_qgis_style_of_only_the_classes(tmp_path):
+    import re
+
+    from rsseg.inference.rasterio_out import read_class_metadata
+
+    scene = write_tif(tmp_path / "s.tif", random_scene(40, 30, seed=1))
+    predict_scene(scene, per_pixel_model(), spec(), tmp_path / "c.tif", None, opts(tile=32, overlap=8))
+    # Band metadata inside the TIFF: what survives a copy of the .tif alone (no .aux.xml).
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "c.tif").write_bytes((tmp_path / "c.tif").read_bytes())
+    with rasterio.open(alone / "c.tif") as out:
+        band = out.tags(1)
+        assert len(out.colormap(1)) == 256  # a TIFF palette always has 256 entries
+    assert [band[f"CLASS_{i}"] for i in range(4)] == CLASSES and band["CLASS_255"] == "nodata"
+    assert [tuple(map(int, band[f"CLASS_{i}_COLOR"].split(","))) for i in range(4)] == COLORS
+    assert read_class_metadata(alone / "c.tif") == (CLASSES, COLORS)
+    # The QGIS default style beside it lists exactly the classes and nodata.
+    qml = (tmp_path / "c.qml").read_text()
+    entries = re.findall(r'<paletteEntry value="(\d+)" color="(#[0-9a-f]{6})" alpha="(\d+)" label="([^"]*)"', qml)
+    assert entries == [(str(i), "#%02x%02x%02x" % c, "255", n) for i, (n, c) in enumerate(zip(CLASSES, COLORS))] + [
+        ("255", "#000000", "0", "nodata")]
+    assert 'type="paletted"' in qml and "nearestNeighbour" in qml
+
+
 def test_resample_runs_at_training_gsd_and_writes_the_scene_grid(tmp_path):
     # A scene at 0.25 m; the bundle was trained at 0.5 m, so the model sees half as many pixels.
     data = np.repeat(np.repeat(random_scene(8, 10, seed=2), 8, axis=1), 8, axis=2)

@@ -247,3 +247,40 @@ def test_cli_vectorize(tmp_path):
             d.write(np.zeros((1, 4, 4), np.float32))
     with pytest.raises(DataError, match="not a uint8 class raster"):
         vectorize_raster(tmp_path / "f.tif")
+
+
+def test_geopackage_version_iso_style_time_and_light_class_outline(tmp_path):
+    """GPKG 1.2 (no version warning in QGIS 3.22's GDAL 3.6), ISO 8601 layer_styles.update_time,
+    and an outline on light classes so that their legend swatch is not white on white."""
+    import re
+
+    from rsseg.inference.qgis_style import is_light
+
+    path = write_classes(tmp_path / "c.tif", blobs(30, 30))
+    info = ClassInfo(["impervious", "building", "car"], [(255, 255, 255), (0, 0, 255), (255, 255, 0)])
+    write_vectors(vectorize_raster(path, classes=info), tmp_path / "lc.gpkg", info)
+    con = sqlite3.connect(tmp_path / "lc.gpkg")
+    (app_id,), (user_version,) = con.execute("PRAGMA application_id").fetchone(), con.execute("PRAGMA user_version").fetchone()
+    (stamp, qml), = con.execute("SELECT update_time, styleQML FROM layer_styles").fetchall()
+    con.close()
+    assert app_id == 0x47504B47 and user_version == 10200
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp), stamp
+    assert [is_light(c) for c in info.colors] == [True, False, True]
+    symbols = re.findall(r'<symbol type="fill" name="(\d)".*?</symbol>', qml)
+    assert symbols == ["0", "1", "2"]
+    blocks = qml.split('<symbol type="fill"')[1:]
+    assert 'name="outline_style" value="solid"' in blocks[0] and 'name="outline_color" value="127,127,127,255"' in blocks[0]
+    assert 'name="outline_style" value="no"' in blocks[1]
+    assert 'name="outline_style" value="solid"' in blocks[2] and "127,127,0,255" in blocks[2]
+
+
+def test_vector_style_beside_a_class_raster_of_the_same_name_warns(tmp_path):
+    from rsseg.inference.rasterio_out import write_raster_style
+
+    path = write_classes(tmp_path / "lc.tif", blobs(20, 20))
+    write_raster_style(path, NAMES, COLORS)
+    assert "<rasterrenderer" in (tmp_path / "lc.qml").read_text()
+    gdf = vectorize_raster(path)
+    with pytest.warns(UserWarning, match="lc.qml held the QGIS style of a class raster"):
+        write_vectors(gdf, tmp_path / "lc.fgb", class_info_from_raster(path))
+    assert "categorizedSymbol" in (tmp_path / "lc.qml").read_text()

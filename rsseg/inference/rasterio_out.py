@@ -3,9 +3,13 @@
 GDAL's COG driver can only copy a whole dataset, so rows are streamed into a tiled GeoTIFF under
 a temporary name, overviews are built with ``mode`` resampling (classes must not be averaged),
 and the result is copied to a Cloud-Optimized GeoTIFF that replaces the final path atomically.
-Class names travel three ways: a JSON tag (read back by ``rsseg vectorize``), the band
-description, and GDAL category names in a ``.aux.xml`` sidecar (rasterio has no API to write
-category names, so that small XML file is written by hand).
+Class names and colours travel in the TIFF itself (the palette; JSON dataset tags read back by
+``rsseg vectorize``; one band metadata item per class, shown by ``gdalinfo``), so a ``.tif``
+copied alone keeps them. Two sidecars serve QGIS: GDAL category names in ``.aux.xml`` (the
+GTiff driver keeps category names only there; rasterio has no API for them, so that small XML
+file is written by hand), and ``<name>.qml``, a paletted style QGIS loads by itself whose legend
+holds only the classes and nodata (a TIFF palette always has 256 entries, and QGIS 3.22 lists
+every one of them).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from rasterio.enums import Resampling
 from rasterio.shutil import copy as rio_copy
 
 from rsseg.errors import DataError
+from rsseg.inference.qgis_style import raster_qml
 
 NODATA_CLASS = 255
 CONFIDENCE_NODATA = -1.0
@@ -112,6 +117,7 @@ class TiledRasterWriter:
         colormap: dict[int, tuple[int, int, int, int]] | None = None,
         tags: dict[str, str] | None = None,
         description: str | None = None,
+        band_tags: dict[str, str] | None = None,
     ) -> Path:
         """Overviews, colour table and tags on the scratch file, then COG copy and rename."""
         self.close_scratch()
@@ -120,6 +126,8 @@ class TiledRasterWriter:
                 ds.write_colormap(1, colormap)
             if tags:
                 ds.update_tags(**tags)
+            if band_tags:
+                ds.update_tags(1, **band_tags)
             if description:
                 ds.set_band_description(1, description)
             factors = _overview_factors(ds.height, ds.width)
@@ -160,6 +168,34 @@ def class_tags(class_names: Sequence[str], class_colors: Sequence[Sequence[int]]
     }
 
 
+def class_band_tags(class_names: Sequence[str], class_colors: Sequence[Sequence[int]]) -> dict[str, str]:
+    """Band metadata, one readable item per class (``CLASS_0=water``, ``CLASS_0_COLOR=0,0,255``)."""
+    tags = {}
+    for i, (name, c) in enumerate(zip(class_names, class_colors)):
+        tags[f"CLASS_{i}"] = str(name)
+        tags[f"CLASS_{i}_COLOR"] = ",".join(str(int(v)) for v in c[:3])
+    tags[f"CLASS_{NODATA_CLASS}"] = "nodata"
+    return tags
+
+
+def qml_path_for(raster_path: Path) -> Path:
+    """Where QGIS looks for a file's default style: the same name with ``.qml``."""
+    return Path(raster_path).with_suffix(".qml")
+
+
+def write_raster_style(raster_path: Path, class_names: Sequence[str],
+                       class_colors: Sequence[Sequence[int]]) -> Path:
+    """``<name>.qml`` beside the raster: a paletted style listing only the classes and nodata."""
+    target = qml_path_for(raster_path)
+    staged = temporary_path(target, "style")
+    try:
+        staged.write_text(raster_qml(class_names, class_colors, NODATA_CLASS), encoding="utf-8")
+        os.replace(staged, target)
+    finally:
+        remove_quietly(staged)
+    return target
+
+
 def write_category_names(raster_path: Path, class_names: Sequence[str]) -> Path:
     """GDAL PAM sidecar with the band's category names (what QGIS shows for a paletted band)."""
     names = list(class_names) + [""] * (NODATA_CLASS - len(class_names)) + ["nodata"]
@@ -180,7 +216,7 @@ def publish_class_raster(
     class_names: Sequence[str],
     class_colors: Sequence[Sequence[int]],
 ) -> Path:
-    """Finish a class raster: colour table, names, mode overviews, COG layout."""
+    """Finish a class raster: colour table, names, mode overviews, COG layout, QGIS style."""
     if len(class_names) >= NODATA_CLASS:
         raise DataError(f"{len(class_names)} classes do not fit a uint8 class raster (at most 254)")
     out = writer.publish(
@@ -189,8 +225,10 @@ def publish_class_raster(
         colormap=class_colormap(class_colors),
         tags=class_tags(class_names, class_colors),
         description="class",
+        band_tags=class_band_tags(class_names, class_colors),
     )
     write_category_names(out, class_names)
+    write_raster_style(out, class_names, class_colors)
     return out
 
 
@@ -203,6 +241,12 @@ def read_class_metadata(path: Path) -> tuple[list[str] | None, list[tuple[int, i
     with rasterio.open(path) as ds:
         tags = ds.tags()
         names = json.loads(tags[CLASS_NAMES_TAG]) if CLASS_NAMES_TAG in tags else None
+        if names is None:  # a tool may keep band metadata and drop the dataset's
+            band = ds.tags(1)
+            n = 0
+            while f"CLASS_{n}" in band and n < NODATA_CLASS:
+                n += 1
+            names = [band[f"CLASS_{i}"] for i in range(n)] or None
         colors = None
         if CLASS_COLORS_TAG in tags:
             colors = [tuple(c) for c in json.loads(tags[CLASS_COLORS_TAG])]

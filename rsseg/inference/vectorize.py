@@ -26,7 +26,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
-from xml.sax.saxutils import escape
 
 import geopandas as gpd
 import numpy as np
@@ -38,11 +37,15 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from rsseg.errors import DataError, OutputError, UsageError
+from rsseg.inference.qgis_style import is_raster_qml, vector_qml
 from rsseg.inference.rasterio_out import NODATA_CLASS, read_class_metadata, temporary_path
 from rsseg.inference.seam_merge import merge_seam_pieces
 
 VECTOR_DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".fgb": "FlatGeobuf", ".parquet": "Parquet"}
 RASTER_SUFFIXES = (".tif", ".tiff")
+# GeoPackage 1.2: GDAL >= 3.7 writes 1.4 by default, which QGIS 3.22's GDAL (3.6, Debian 12)
+# warns about on every load; 1.2 is read without a warning by every GDAL since 2.2.
+GPKG_VERSION = "1.2"
 # 4-connectivity, as rasterio.features.shapes uses by default.
 _FOUR = ndimage.generate_binary_structure(2, 1)
 # Fallback colours for rasters that carry none (a qualitative palette).
@@ -367,32 +370,9 @@ def check_writable(out: Path, overwrite: bool) -> None:
 
 
 def qml_style(info: ClassInfo, field: str = "class_id") -> str:
-    """A QGIS categorized renderer on ``field`` that fills each class in its colour."""
-    cats, symbols = [], []
-    for i, (name, (r, g, b)) in enumerate(zip(info.names, info.colors)):
-        cats.append(f'<category render="true" symbol="{i}" value="{i}" label="{escape(name)}"/>')
-        symbols.append(
-            f'<symbol type="fill" name="{i}" alpha="1" clip_to_extent="1" force_rhr="0">'
-            f'<layer class="SimpleFill" enabled="1" locked="0" pass="0">'
-            f'<Option type="Map">'
-            f'<Option type="QString" name="color" value="{r},{g},{b},255"/>'
-            f'<Option type="QString" name="outline_color" value="{r},{g},{b},255"/>'
-            f'<Option type="QString" name="outline_style" value="no"/>'
-            f'<Option type="QString" name="style" value="solid"/>'
-            f"</Option>"
-            f'<prop k="color" v="{r},{g},{b},255"/><prop k="outline_color" v="{r},{g},{b},255"/>'
-            f'<prop k="outline_style" v="no"/><prop k="style" v="solid"/>'
-            f"</layer></symbol>"
-        )
-    return (
-        "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
-        '<qgis version="3.28" styleCategories="Symbology">\n'
-        f'  <renderer-v2 type="categorizedSymbol" attr="{field}" symbollevels="0" enableorderby="0" forceraster="0">\n'
-        f"    <categories>{''.join(cats)}</categories>\n"
-        f"    <symbols>{''.join(symbols)}</symbols>\n"
-        "  </renderer-v2>\n"
-        "</qgis>\n"
-    )
+    """A QGIS categorized renderer on ``field`` that fills each class in its colour; light
+    classes get a darker outline so that their legend swatch shows (see qgis_style)."""
+    return vector_qml(info.names, info.colors, field)
 
 
 def add_gpkg_default_style(gpkg: Path, layer: str, qml: str, style_name: str = "rsseg classes") -> None:
@@ -407,7 +387,7 @@ def add_gpkg_default_style(gpkg: Path, layer: str, qml: str, style_name: str = "
             " f_table_catalog TEXT(256), f_table_schema TEXT(256), f_table_name TEXT(256),"
             " f_geometry_column TEXT(256), styleName TEXT(30), styleQML TEXT, styleSLD TEXT,"
             " useAsDefault BOOLEAN, description TEXT, owner TEXT(30), ui TEXT(30),"
-            " update_time DATETIME DEFAULT CURRENT_TIMESTAMP)"
+            " update_time DATETIME DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')))"
         )
         con.execute(
             "INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier) VALUES (?, ?, ?)",
@@ -415,13 +395,25 @@ def add_gpkg_default_style(gpkg: Path, layer: str, qml: str, style_name: str = "
         )
         con.execute(
             "INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, f_geometry_column,"
-            " styleName, styleQML, styleSLD, useAsDefault, description, owner, ui)"
-            " VALUES ('', '', ?, ?, ?, ?, '', 1, ?, '', NULL)",
+            " styleName, styleQML, styleSLD, useAsDefault, description, owner, ui, update_time)"
+            " VALUES ('', '', ?, ?, ?, ?, '', 1, ?, '', NULL, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
             (layer, geom_col, style_name, qml, "classes in their colours (written by rsseg)"),
         )
         con.commit()
     finally:
         con.close()
+
+
+def _warn_if_raster_style(qml_path: Path, out: Path) -> None:
+    """QGIS reads one ``<name>.qml`` per name: a class raster of the same name loses its style."""
+    try:
+        text = qml_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return
+    if is_raster_qml(text):
+        warnings.warn(f"{qml_path.name} held the QGIS style of a class raster named like {out.name}; "
+                      f"it now styles {out.name} (give the raster another name, or write .gpkg, "
+                      "which keeps its style inside)", stacklevel=3)
 
 
 def write_vectors(gdf: gpd.GeoDataFrame, out: Path, info: ClassInfo, *, overwrite: bool = False,
@@ -440,12 +432,14 @@ def write_vectors(gdf: gpd.GeoDataFrame, out: Path, info: ClassInfo, *, overwrit
         if driver == "Parquet":
             gdf.to_parquet(staged)
         else:
+            extra = {"dataset_options": {"VERSION": GPKG_VERSION}} if driver == "GPKG" else {}
             gdf.to_file(staged, driver=driver, layer=layer if driver == "GPKG" else None,
-                        engine="pyogrio")
+                        engine="pyogrio", **extra)
         if driver == "GPKG":
             add_gpkg_default_style(staged, layer, qml)
         else:
             qml_path = out.with_suffix(".qml")
+            _warn_if_raster_style(qml_path, out)
             qml_path.write_text(qml, encoding="utf-8")
             written.append(qml_path)
         os.replace(staged, out)
