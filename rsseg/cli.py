@@ -106,14 +106,22 @@ def main() -> None:
               help="Number of classes the parameter count is given for.")
 @click.option("--bands", "in_channels", default=3, show_default=True,
               help="Number of input bands the parameter count is given for.")
+@click.option("--set-default", "default_bundle", metavar="BUNDLE",
+              help="Remember BUNDLE as the model `rsseg predict` / `rsseg eval` use without --model.")
 @click.argument("names", nargs=-1)
-def models(num_classes: int, in_channels: int, names: tuple[str, ...]) -> None:
+def models(num_classes: int, in_channels: int, default_bundle: str | None, names: tuple[str, ...]) -> None:
     """List the models in one table that fits 100 columns; with NAMES, every detail of each
     (paper, description, options, initial weights, docs)."""
     from pathlib import Path
 
     from rsseg.models.registry import list_models, model_info, parameter_count
     from rsseg.weights import default_weights
+
+    if default_bundle:
+        from rsseg.default_model import set_default_model
+
+        click.echo(f"default model: {set_default_model(default_bundle)}")
+        return
 
     if not names:
         rows = []
