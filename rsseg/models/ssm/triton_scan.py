@@ -48,6 +48,9 @@ MAX_STATE = 256  # the (BLOCK_D x n) state must fit in registers
 # Positions per backward chunk: the checkpoint spacing and the scratch length. Longer chunks store
 # fewer checkpoints but more scratch per program; either is small next to the inputs.
 CHUNK = 64
+# State elements (BLOCK_D x padded d_state) per program: enough work per step for a few warps,
+# few enough that b * d / BLOCK_D programs fill the GPU. Read at each call (tests lower both).
+BLOCK_ELEMENTS = 256
 LOG2E = 1.4426950408889634
 
 
@@ -270,9 +273,10 @@ def _kernels() -> tuple[Any, Any]:
 
 
 def _blocks(dg: int, n: int) -> tuple[int, int, int]:
-    """(BLOCK_D, BLOCK_N, num_warps): about 256 state elements per program, within one group."""
+    """(BLOCK_D, BLOCK_N, num_warps): about BLOCK_ELEMENTS state elements per program, within
+    one group."""
     block_n = triton.next_power_of_2(n)
-    block_d = min(triton.next_power_of_2(dg), max(1, 256 // block_n))
+    block_d = min(triton.next_power_of_2(dg), max(1, BLOCK_ELEMENTS // block_n))
     num_warps = 4 if block_d * block_n >= 256 else (2 if block_d * block_n >= 64 else 1)
     return block_d, block_n, num_warps
 
@@ -344,7 +348,7 @@ class _TritonScanFn(torch.autograd.Function):
 def triton_selective_scan(
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
     z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-    chunk: int = CHUNK,
+    chunk: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(y in u's dtype, last state (b, d, n) float32) by the Triton kernel; shapes as checked by
     ``scan._check_shapes``. Differentiable in every tensor input, the last state included."""
@@ -353,5 +357,6 @@ def triton_selective_scan(
         u.contiguous(), delta.contiguous(), A.float().contiguous(),
         grouped[0].contiguous(), grouped[1].contiguous(),
         None if D is None else D.float().contiguous(), None if z is None else z.contiguous(),
-        None if delta_bias is None else delta_bias.float().contiguous(), bool(delta_softplus), int(chunk),
+        None if delta_bias is None else delta_bias.float().contiguous(), bool(delta_softplus),
+        int(chunk or CHUNK),
     )
