@@ -18,6 +18,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -50,6 +51,12 @@ class BundleMeta:
     dataset: str | None = None
     rsseg_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Radiometry of the training data (None = unknown, as in bundles made before it was recorded:
+    # predict then skips the checks that need it).
+    source_dtype: str | None = None  # numpy dtype name of the source images, e.g. "uint8"
+    source_band_count: int | None = None  # bands in each training source image
+    source_band_labels: list[str] | None = None  # per band read: "red", "nir", ... or "" (unknown)
+    band_stats: list[dict[str, float]] | None = None  # per band read: p1, p99, min, max
 
     @property
     def num_classes(self) -> int:
@@ -127,6 +134,42 @@ class BundleMeta:
             raise BundleError("bundle metadata: patch_size must be a positive integer")
         if self.gsd_m is not None and not (isinstance(self.gsd_m, (int, float)) and self.gsd_m > 0):
             raise BundleError("bundle metadata: gsd_m must be a positive number or null")
+        self._validate_radiometry()
+
+    def _validate_radiometry(self) -> None:
+        if self.source_dtype is not None:
+            try:
+                np.dtype(self.source_dtype)
+            except TypeError:
+                raise BundleError(
+                    f"bundle metadata: source_dtype {self.source_dtype!r} is not a data type"
+                ) from None
+        count = self.source_band_count
+        if count is not None and not (isinstance(count, int) and count >= max(self.bands)):
+            raise BundleError(
+                f"bundle metadata: source_band_count {count!r} must be an integer >= "
+                f"{max(self.bands)} (the highest band read)"
+            )
+        labels = self.source_band_labels
+        if labels is not None and not (
+            isinstance(labels, list) and len(labels) == len(self.bands)
+            and all(isinstance(v, str) for v in labels)
+        ):
+            raise BundleError(
+                f"bundle metadata: source_band_labels must be one string per band ({len(self.bands)})"
+            )
+        stats = self.band_stats
+        if stats is not None:
+            keys = {"p1", "p99", "min", "max"}
+            if not (
+                isinstance(stats, list) and len(stats) == len(self.bands)
+                and all(isinstance(s, dict) and keys <= set(s)
+                        and all(isinstance(s[k], (int, float)) for k in keys) for s in stats)
+            ):
+                raise BundleError(
+                    "bundle metadata: band_stats must hold p1, p99, min and max numbers for each "
+                    f"of the {len(self.bands)} bands"
+                )
 
 
 def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:

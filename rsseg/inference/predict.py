@@ -22,7 +22,7 @@ import queue
 import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -35,7 +35,18 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from torch import nn
 from tqdm.auto import tqdm
 
-from rsseg.errors import DataError, UsageError
+from rsseg.data.radiometry import (
+    AlphaRule,
+    auto_rescale,
+    band_label,
+    band_statistics,
+    decide_alpha,
+    parse_rescale,
+    radiometry_mismatch,
+    read_valid,
+    sample_scene,
+)
+from rsseg.errors import DataError, UsageError, warn
 from rsseg.inference.rasterio_out import (
     CONFIDENCE_NODATA,
     NODATA_CLASS,
@@ -45,6 +56,7 @@ from rsseg.inference.rasterio_out import (
     remove_quietly,
     temporary_path,
 )
+from rsseg.inference.paths import gdal_path, is_local_file, scene_name
 from rsseg.inference.windows import Window, blend_weights, check_tile_overlap, ramp_1d, window_grid
 from rsseg.train.tta import TTA_MODES, predict_probs, tta_protocol
 
@@ -66,6 +78,12 @@ class PredictOptions:
     # Pad every window up to a multiple of this (encoders with 5 stride-2 stages need 32); with
     # scaled TTA views, up to the multiple that keeps every scaled side a multiple of it (128).
     pad_multiple: int = 32
+    # "check": refuse a scene whose values do not match the training data's (when the bundle
+    # records them); "auto": map the scene's 1st..99th percentiles onto the training ones per
+    # band; "none": no check, no change; a number: multiply the scene's values by it.
+    rescale: str | float = "check"
+    # Scene bands to feed the model, in the model's order (default: the bundle's band indexes).
+    bands: list[int] | None = None
 
 
 @dataclass
@@ -80,6 +98,17 @@ class InputSpec:
     gsd_m: float | None = None
     band_names: list[str] = field(default_factory=list)
     dataset: str | None = None  # picks the "ms" TTA set (GeoSeg's per-dataset scales)
+    # The training data's radiometry (None: unknown, no check); see rsseg.data.radiometry.
+    source_dtype: str | None = None
+    source_band_count: int | None = None
+    source_band_labels: list[str] | None = None
+    band_stats: list[dict[str, float]] | None = None
+    # Set per scene by resolve_scene: source values -> x * gain + offset before normalisation,
+    # how its alpha band is used, and whether the checks ran.
+    gain: list[float] | None = None
+    offset: list[float] | None = None
+    alpha: AlphaRule = field(default_factory=AlphaRule)
+    resolved: bool = False
 
     @classmethod
     def from_meta(cls, meta: Any) -> "InputSpec":
@@ -92,6 +121,10 @@ class InputSpec:
             gsd_m=getattr(meta, "gsd_m", None),
             band_names=list(getattr(meta, "band_names", []) or []),
             dataset=getattr(meta, "dataset", None),
+            source_dtype=getattr(meta, "source_dtype", None),
+            source_band_count=getattr(meta, "source_band_count", None),
+            source_band_labels=getattr(meta, "source_band_labels", None),
+            band_stats=getattr(meta, "band_stats", None),
         )
 
     @property
@@ -101,7 +134,7 @@ class InputSpec:
 
 @dataclass
 class SceneResult:
-    scene: Path
+    scene: str | Path
     classes: Path | None
     confidence: Path | None
     windows_run: int
@@ -112,45 +145,163 @@ class SceneResult:
 # ----------------------------------------------------------------------------- scene geometry
 
 
-def open_scene(path: Path) -> rasterio.DatasetReader:
-    """Open a raster or raise a one-line DataError."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"scene {path} does not exist")
+def open_scene(path: str | os.PathLike[str]) -> rasterio.DatasetReader:
+    """Open anything GDAL opens (a file, ``/vsicurl/``, ``s3://``, a ``.vrt``) or raise a
+    one-line DataError. Only plain local paths are checked for existence here; for the others
+    GDAL decides."""
+    text = os.fspath(path)
+    if is_local_file(text) and not os.path.exists(text):
+        raise DataError(f"scene {text} does not exist")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return rasterio.open(path)
+            return rasterio.open(gdal_path(text))
     except RasterioIOError as err:
-        raise DataError(f"{path} is not a raster GDAL can read ({str(err).splitlines()[0]})") from None
+        raise DataError(f"{text} is not a raster GDAL can read ({str(err).splitlines()[0]})") from None
+
+
+def _band_list(spec: InputSpec, bands: list[int] | None = None) -> str:
+    bands = bands or spec.bands
+    return ", ".join(
+        f"{b}" + (f" ({n})" if n else "")
+        for b, n in zip(bands, spec.band_names or [""] * len(bands))
+    )
 
 
 def check_bands(src: rasterio.DatasetReader, spec: InputSpec, name: str) -> None:
     need = max(spec.bands)
     if need > src.count or min(spec.bands) < 1:
-        wanted = ", ".join(
-            f"{b}" + (f" ({n})" if n else "")
-            for b, n in zip(spec.bands, spec.band_names or [""] * len(spec.bands))
-        )
         raise DataError(
-            f"{name} has {src.count} band(s) but the model bundle reads source band(s) {wanted}"
+            f"{name} has {src.count} band(s) but the model bundle reads source band(s) "
+            f"{_band_list(spec)}"
         )
+
+
+def choose_bands(src: rasterio.DatasetReader, spec: InputSpec, chosen: list[int] | None,
+                 name: str) -> list[int]:
+    """The scene bands that feed the model: ``--bands`` when given, else the bundle's, refused
+    when the scene's band count or band names say they are not what the model was trained on."""
+    if chosen is not None:
+        if len(chosen) != len(spec.bands):
+            raise UsageError(
+                f"--bands lists {len(chosen)} band(s) but the model reads {len(spec.bands)} "
+                f"({', '.join(spec.band_names) or 'unnamed'})"
+            )
+        if max(chosen) > src.count or min(chosen) < 1:
+            raise DataError(f"{name} has {src.count} band(s); --bands asks for "
+                            f"{','.join(map(str, chosen))}")
+        return list(chosen)
+    check_bands(src, spec, name)
+    trained = spec.source_band_labels or [""] * len(spec.bands)
+    scene = [band_label(src, b) for b in spec.bands]
+    differs = [(b, s, t) for b, s, t in zip(spec.bands, scene, trained) if s and t and s != t]
+    confirmed = all(s and s == t for s, t in zip(scene, trained))
+    count = spec.source_band_count
+    if not differs and (count is None or src.count == count or confirmed):
+        return list(spec.bands)
+    hint = ",".join(map(str, spec.bands))
+    if all(trained):  # name the scene bands that carry the trained labels, if it has them
+        labels = [band_label(src, b) for b in range(1, src.count + 1)]
+        if all(labels.count(t) == 1 for t in trained):
+            hint = ",".join(str(labels.index(t) + 1) for t in trained)
+    if differs:
+        b, s, t = differs[0]
+        what = f"its band {b} is {s} where the training images had {t}"
+    else:
+        what = (f"it has {src.count} bands, the training images had {count} (the model reads "
+                f"bands {_band_list(spec)})")
+    raise DataError(f"{name} does not have the model's bands: {what}; pass --bands with the "
+                    f"scene's bands in the model's order (e.g. --bands {hint})")
 
 
 # Largest ratio between scene and training GSD that --resample bridges.
 MAX_RESAMPLE_FACTOR = 8.0
 
 
+# Running the model this many times off its training GSD (with --no-resample) earns a warning.
+GSD_WARN_FACTOR = 2.0
+# The transform GDAL reports for a raster without one, and the one QGIS draws it with instead.
+GDAL_NO_TRANSFORM = rasterio.Affine.identity()
+QGIS_PIXEL_TRANSFORM = rasterio.Affine(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
+
+
+def pixel_size(transform: rasterio.Affine) -> tuple[float, float]:
+    """A pixel's true width and height in map units: the lengths of the transform's column
+    vectors, so rotated and sheared grids measure right (|a|, |e| alone are 0 at 90 degrees)."""
+    return math.hypot(transform.a, transform.d), math.hypot(transform.b, transform.e)
+
+
 def scene_gsd_m(src: rasterio.DatasetReader) -> float | None:
-    """Ground sampling distance in metres (mean of x/y), or None if the scene has no usable CRS."""
+    """Ground sampling distance in metres (geometric mean of the pixel's sides), or None if the
+    scene has no usable CRS."""
     if src.crs is None:
         return None
-    px = (abs(src.transform.a) + abs(src.transform.e)) / 2
+    width, height = pixel_size(src.transform)
     if src.crs.is_geographic:
         lat = (src.bounds.top + src.bounds.bottom) / 2
-        return px * 111_320.0 * math.sqrt(abs(math.cos(math.radians(lat))))
+        # Degrees of longitude shrink with cos(latitude), degrees of latitude do not.
+        return math.sqrt(width * abs(math.cos(math.radians(lat))) * height) * 111_320.0
     factor = src.crs.linear_units_factor[1] if src.crs.linear_units_factor else 1.0
-    return px * factor
+    return math.sqrt(width * height) * factor
+
+
+def is_georeferenced(src: rasterio.DatasetReader) -> bool:
+    """False for a raster with neither a CRS nor a geotransform (GDAL then reports identity)."""
+    return src.crs is not None or src.transform != GDAL_NO_TRANSFORM
+
+
+def output_transform(src: rasterio.DatasetReader) -> rasterio.Affine:
+    """The transform outputs are written with: the scene's own, except for a raster with no
+    georeferencing at all, which QGIS draws with pixel (col, row) at (col, -row); outputs get
+    that transform explicitly so that they (raster and polygons) lie on the scene in QGIS."""
+    return src.transform if is_georeferenced(src) else QGIS_PIXEL_TRANSFORM
+
+
+def resolve_scene(src: rasterio.DatasetReader, spec: InputSpec, options: PredictOptions,
+                  name: str, *, speak: bool = True) -> InputSpec:
+    """Every check of a scene against the bundle, before any work: bands, masks, radiometry, GSD
+    and georeferencing; returns the spec to run it with. ``speak``: emit this scene's warnings
+    (one line each, once per scene)."""
+    say = warn if speak else (lambda message: None)
+    bands = choose_bands(src, spec, options.bands, name)
+    alpha = decide_alpha(src, bands, name)
+    if alpha.note:
+        say(alpha.note)
+    gain = offset = None
+    rescale = parse_rescale(options.rescale) if isinstance(options.rescale, str) else options.rescale
+    if isinstance(rescale, float):
+        gain, offset = [rescale] * len(bands), [0.0] * len(bands)
+    elif rescale in ("check", "auto") and spec.band_stats:
+        scene_stats = band_statistics(sample_scene(src, bands, alpha))
+        dtype = src.dtypes[bands[0] - 1]
+        if rescale == "auto":
+            mapping = auto_rescale(scene_stats, spec.band_stats)
+            gain, offset = list(mapping.gain), list(mapping.offset)
+        else:
+            problem = radiometry_mismatch(scene_stats, dtype, spec.band_stats, spec.source_dtype,
+                                          spec.band_names)
+            if problem:
+                raise DataError(
+                    f"{name} does not match the model's training radiometry: {problem}; pass "
+                    "--rescale auto (map its 1st-99th percentiles onto the training ones), "
+                    "--rescale FACTOR (multiply its values) or --rescale none (run as is)"
+                )
+    elif rescale == "auto":
+        raise UsageError("--rescale auto needs the training value range, which this bundle does "
+                         "not record; use --rescale FACTOR")
+    gsd = scene_gsd_m(src)
+    if not options.resample and gsd and spec.gsd_m:
+        off = max(gsd / spec.gsd_m, spec.gsd_m / gsd)
+        if off > GSD_WARN_FACTOR:
+            say(f"{name}: pixels are {gsd:.3g} m and the model was trained at {spec.gsd_m:.3g} m "
+                f"({off:.3g}x apart); --no-resample runs it at the scene's resolution anyway")
+    if not is_georeferenced(src):
+        say(f"{name} has no CRS and no geotransform: outputs use pixel coordinates as QGIS draws "
+            "such a raster (x = column, y = -row), so they overlay it; areas are in pixels")
+    elif src.crs is None:
+        say(f"{name} has no CRS: outputs keep its geotransform without a CRS; areas are in "
+            "squared map units")
+    return replace(spec, bands=bands, alpha=alpha, gain=gain, offset=offset, resolved=True)
 
 
 def model_scale(src: rasterio.DatasetReader, spec: InputSpec, resample: bool) -> float:
@@ -198,13 +349,24 @@ class _Batch:
 class _SceneReader:
     """Reads, masks and normalises windows; runs in a background thread."""
 
-    def __init__(self, path: Path, spec: InputSpec, scale: float, options: PredictOptions) -> None:
+    def __init__(self, path: str | Path, spec: InputSpec, scale: float, options: PredictOptions) -> None:
         self.src = open_scene(path)
         self.spec = spec
         self.scale = scale
         self.options = options
-        self.mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
-        self.std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+        mean = np.asarray(spec.mean, dtype=np.float64)
+        std = np.asarray(spec.std, dtype=np.float64)
+        gain = np.asarray(spec.gain if spec.gain is not None else [1.0] * len(mean), np.float64)
+        offset = np.asarray(spec.offset if spec.offset is not None else [0.0] * len(mean), np.float64)
+        # (x * gain + offset - mean) / std folded into one multiply-add; without a rescale it
+        # is exactly (x - mean) / std as before.
+        if spec.gain is None and spec.offset is None:
+            self.mul, self.add = None, None
+        else:
+            self.mul = (gain / std).astype(np.float32)[:, None, None]
+            self.add = ((offset - mean) / std).astype(np.float32)[:, None, None]
+        self.mean = mean.astype(np.float32)[:, None, None]
+        self.std = std.astype(np.float32)[:, None, None]
 
     def close(self) -> None:
         self.src.close()
@@ -212,7 +374,7 @@ class _SceneReader:
     def read(self, w: Window) -> tuple[np.ndarray | None, np.ndarray, tuple[int, int]]:
         """(normalised bands at model scale or None if all nodata, valid mask at scene scale)."""
         win = rasterio.windows.Window(w.col, w.row, w.width, w.height)
-        valid = self.src.dataset_mask(window=win) > 0
+        valid = read_valid(self.src, win, self.spec.alpha)
         mh = max(1, round(w.height * self.scale))
         mw = max(1, round(w.width * self.scale))
         if not valid.any():
@@ -226,7 +388,7 @@ class _SceneReader:
         )
         finite = np.isfinite(data).all(axis=0)
         valid &= _resize_mask(finite, w.height, w.width) if (mh, mw) != valid.shape else finite
-        x = (data - self.mean) / self.std
+        x = (data - self.mean) / self.std if self.mul is None else data * self.mul + self.add
         # Nodata pixels take the band mean (0 after normalisation), never a raw fill value.
         model_valid = _resize_mask(valid, mh, mw) if (mh, mw) != valid.shape else valid
         x = np.where(model_valid[None], x, 0.0).astype(np.float32)
@@ -399,11 +561,14 @@ GDAL_CACHE_MB = 128
 
 
 def _with_gdal_cache(fn: Callable[..., SceneResult]) -> Callable[..., SceneResult]:
-    """Run ``fn`` under a fixed GDAL block cache (see GDAL_CACHE_MB)."""
+    """Run ``fn`` under a fixed GDAL block cache (see GDAL_CACHE_MB), without rasterio's
+    NotGeoreferencedWarning."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> SceneResult:
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        # GDAL's "no geotransform" notice is ours to give (resolve_scene), once, in one line.
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
             return fn(*args, **kwargs)
 
     return wrapper
@@ -411,7 +576,7 @@ def _with_gdal_cache(fn: Callable[..., SceneResult]) -> Callable[..., SceneResul
 
 @_with_gdal_cache
 def predict_scene(
-    scene: Path,
+    scene: str | Path,
     model: nn.Module,
     meta: Any,
     classes_out: Path,
@@ -431,15 +596,15 @@ def predict_scene(
     options = options or PredictOptions()
     spec = meta if isinstance(meta, InputSpec) else InputSpec.from_meta(meta)
     check_tile_overlap(options.tile, options.overlap)
-    scene = Path(scene)
+    scene = os.fspath(scene)
+    name = scene_name(scene)
     classes_out = Path(classes_out)
     confidence_out = Path(confidence_out) if confidence_out else None
     with open_scene(scene) as src:
-        check_bands(src, spec, scene.name)
-        height, width, crs, transform = src.height, src.width, src.crs, src.transform
+        if not spec.resolved:
+            spec = resolve_scene(src, spec, options, name, speak=rank == 0)
+        height, width, crs, transform = src.height, src.width, src.crs, output_transform(src)
         scale = model_scale(src, spec, options.resample)
-    if crs is None and rank == 0:
-        warnings.warn(f"{scene.name} has no CRS; outputs will not be georeferenced", stacklevel=2)
 
     tile_s = max(1, round(options.tile / scale))
     overlap_s = min(tile_s - 1, max(0, round(options.overlap / scale)))
@@ -510,11 +675,11 @@ def _predict_rows(scene, model, spec, options, scale, grid, lines, rows, height,
     row_sum, col_sum = weight_sums(grid, height, width, tile_s, overlap_s)
     buffer = _RowBuffer(spec.num_classes, lines[0][0].height, width, lines[0][0].row, row_sum, col_sum)
     n_windows = sum(len(line) for line in lines)
-    read_bar = tqdm(total=n_windows, desc=f"read {scene.name}", unit="win", disable=not options.progress,
+    read_bar = tqdm(total=n_windows, desc=f"read {scene_name(scene)}", unit="win", disable=not options.progress,
                     leave=False, position=0)
-    bar = tqdm(total=n_windows, desc=f"infer {scene.name}", unit="win", disable=not options.progress,
+    bar = tqdm(total=n_windows, desc=f"infer {scene_name(scene)}", unit="win", disable=not options.progress,
                leave=False, position=1)
-    write_bar = tqdm(total=y1 - y0, desc=f"write {scene.name}", unit="row", disable=not options.progress,
+    write_bar = tqdm(total=y1 - y0, desc=f"write {scene_name(scene)}", unit="row", disable=not options.progress,
                      leave=False, position=2)
     writer_pool = ThreadPoolExecutor(max_workers=1)
     pending_writes: list[Future] = []

@@ -1,27 +1,45 @@
 """``rsseg predict`` as a Python API: many scenes, one model load, raster and/or vector outputs.
 
-Every output is checked before any work starts (suffix, existing file, writable folder) and
-every scene is opened and checked against the bundle's bands, so a mistake surfaces in a second,
-not after an hour of inference.
+Every output is checked before any work starts (suffix, existing file, writable folder, not one
+of the inputs) and every scene is opened and checked against the bundle (bands, masks, value
+range, GSD), so a mistake surfaces in a second, not after an hour of inference.
+
+Interrupted runs leave nothing behind: Ctrl-C and SIGTERM remove the partial files of the scene
+in progress, and a run killed outright (SIGKILL, power loss) has its partials removed by the next
+run that writes to the same folder (see :mod:`rsseg.inference.paths`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import tempfile
+import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from torch import nn
 
 from rsseg.errors import OutputError, UsageError
+from rsseg.inference.paths import (
+    clashing_input,
+    is_local_file,
+    remove_stale_partials,
+    scene_name,
+    scene_stem,
+    scratch_prefix,
+)
 from rsseg.inference.predict import (
     InputSpec,
     PredictOptions,
-    check_bands,
     distributed_context,
     open_scene,
+    pixel_size,
     predict_scene,
+    resolve_scene,
 )
 from rsseg.inference.rasterio_out import remove_quietly
 from rsseg.inference.vectorize import (
@@ -36,7 +54,7 @@ from rsseg.inference.vectorize import (
 
 @dataclass
 class SceneOutputs:
-    scene: Path
+    scene: str  # as given: a local path, a URL or a GDAL /vsi path
     classes: Path | None = None  # the class raster the user asked for (None if only vectors)
     confidence: Path | None = None
     vectors: Path | None = None
@@ -44,19 +62,49 @@ class SceneOutputs:
     polygons: int = 0
 
 
-def output_for(template: Path, scene: Path, many: bool) -> Path:
+def output_for(template: Path, scene: str | os.PathLike[str], many: bool) -> Path:
     """The output path for one scene: ``{stem}`` in the template is replaced by the scene's stem;
     with several scenes and no ``{stem}``, ``_<stem>`` is added before the suffix."""
     text = str(template)
+    stem = scene_stem(scene)
     if "{stem}" in text:
-        return Path(text.replace("{stem}", scene.stem))
+        return Path(text.replace("{stem}", stem))
     if many:
-        return template.with_name(f"{template.stem}_{scene.stem}{template.suffix}")
+        return template.with_name(f"{template.stem}_{stem}{template.suffix}")
     return template
 
 
-def plan_outputs(scenes: Sequence[Path], out: Path, raster: Path | None, confidence: Path | None,
-                 overwrite: bool) -> list[SceneOutputs]:
+def input_files(scenes: Sequence[str | os.PathLike[str]], extra: Sequence[Path] = ()) -> list[Path]:
+    """Every local file the run reads: the scenes, the files GDAL reads with them (a .vrt's
+    sources, .aux.xml, .ovr, .msk) where it can open them, and ``extra`` (the model bundle)."""
+    files = [Path(p) for p in extra]
+    for scene in scenes:
+        text = os.fspath(scene)
+        if is_local_file(text):
+            files.append(Path(text))
+        try:
+            with open_scene(text) as src:
+                files += [Path(f) for f in src.files if is_local_file(f)]
+        except Exception:  # unreadable scenes are reported by the scene checks, not here
+            continue
+    return files
+
+
+def check_not_inputs(outputs: Sequence[Path], inputs: Sequence[Path]) -> None:
+    """Refuse any output that is one of the inputs (symlinks, relative paths, hard links
+    resolved), whatever --overwrite says: replacing the scene being read destroys it."""
+    for out in outputs:
+        hit = clashing_input(out, inputs)
+        if hit is not None:
+            same = "" if str(hit) == str(out) else f" (the same file as {hit})"
+            raise OutputError(f"output {out} is an input of this run{same}; choose another name")
+
+
+def plan_outputs(scenes: Sequence[str | os.PathLike[str]], out: Path, raster: Path | None,
+                 confidence: Path | None, overwrite: bool, *,
+                 inputs: Sequence[Path] = ()) -> list[SceneOutputs]:
+    """Output paths per scene, checked (suffix, writable, unique, not an input) before any work.
+    ``inputs``: further files the run reads (the model bundle)."""
     suffix = out.suffix.lower()
     if suffix not in RASTER_SUFFIXES and suffix not in VECTOR_DRIVERS:
         raise OutputError(
@@ -69,7 +117,7 @@ def plan_outputs(scenes: Sequence[Path], out: Path, raster: Path | None, confide
     many = len(scenes) > 1
     plans: list[SceneOutputs] = []
     for scene in scenes:
-        p = SceneOutputs(scene=Path(scene))
+        p = SceneOutputs(scene=os.fspath(scene))
         if suffix in RASTER_SUFFIXES:
             p.classes = output_for(out, p.scene, many)
             if raster is not None:
@@ -85,11 +133,42 @@ def plan_outputs(scenes: Sequence[Path], out: Path, raster: Path | None, confide
     targets = [x for p in plans for x in (p.classes, p.confidence, p.vectors) if x is not None]
     if len(set(targets)) != len(targets):
         raise OutputError("two outputs would get the same file name; use {stem} in the output path")
+    check_not_inputs(targets, input_files(scenes, inputs))
     return plans
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP) arrived: unwinds like Ctrl-C, so partial outputs are removed."""
+
+
+@contextlib.contextmanager
+def _terminate_like_interrupt() -> Iterator[None]:
+    """While predicting, SIGTERM/SIGHUP raise :class:`Terminated` in the main thread (Ctrl-C
+    already raises KeyboardInterrupt); the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(f"signal {signum}")
+
+    previous = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is None:
+            continue
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except (ValueError, OSError):
+            pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def predict_scenes(
-    scenes: Sequence[Path],
+    scenes: Sequence[str | os.PathLike[str]],
     out: Path,
     model: nn.Module,
     meta: Any,
@@ -101,42 +180,79 @@ def predict_scenes(
     simplify: float | None = None,
     min_area: float = 0.0,
     echo: Callable[[str], None] = print,
+    inputs: Sequence[Path] = (),
 ) -> list[SceneOutputs]:
-    """Predict every scene with one loaded model; write class rasters and/or vectors."""
+    """Predict every scene with one loaded model; write class rasters and/or vectors.
+
+    ``scenes`` are anything GDAL opens (paths, URLs, /vsi paths); ``inputs`` are further files
+    the run reads (the model bundle), which no output may replace."""
     options = options or PredictOptions()
     rank, world, barrier = distributed_context()
     if world > 1 and rank != 0:
         options.progress = False
     spec = InputSpec.from_meta(meta)
-    scenes = [Path(s) for s in scenes]
-    plans = plan_outputs(scenes, Path(out), raster, confidence, overwrite)
+    scenes = [os.fspath(s) for s in scenes]
+    plans = plan_outputs(scenes, Path(out), raster, confidence, overwrite, inputs=inputs)
+    # Every scene checked against the bundle before the first one runs; each scene's warnings
+    # are said here, once.
+    specs = {}
     for scene in scenes:
         with open_scene(scene) as src:
-            check_bands(src, spec, scene.name)
+            specs[scene] = resolve_scene(src, spec, options, scene_name(scene), speak=rank == 0)
+    if rank == 0:  # partials of killed runs (their process is gone) go before we write
+        for folder in {p.parent for plan in plans
+                       for p in (plan.classes, plan.confidence, plan.vectors) if p is not None}:
+            remove_stale_partials(folder if str(folder) else Path("."))
     info = ClassInfo(spec.class_names, spec.class_colors)
-    for plan in plans:
-        scratch_dir = None
-        classes_path = plan.classes
-        if classes_path is None:  # vectors only: the class raster is an intermediate
-            target = plan.vectors
-            scratch_dir = tempfile.TemporaryDirectory(prefix=".rsseg-", dir=target.parent)
-            classes_path = Path(scratch_dir.name) / f"{plan.scene.stem}.tif"
-        try:
-            result = predict_scene(plan.scene, model, spec, classes_path, plan.confidence, options,
-                                   rank=rank, world_size=world, barrier=barrier)
-            if plan.vectors is not None and rank == 0:
-                gdf = vectorize_raster(classes_path, classes=info, simplify=simplify,
-                                       min_area=min_area, progress=options.progress)
-                plan.extra_files = write_vectors(gdf, plan.vectors, info, overwrite=overwrite)[1:]
-                plan.polygons = len(gdf)
-            if barrier is not None:
-                barrier()
-        finally:
-            if scratch_dir is not None:
-                remove_quietly(classes_path)
-                scratch_dir.cleanup()
-        if rank == 0:
-            done = [str(p) for p in (plan.classes, plan.confidence, plan.vectors) if p is not None]
-            skipped = f", {result.windows_skipped} all-nodata windows skipped" if result.windows_skipped else ""
-            echo(f"{plan.scene.name}: {result.windows_run} windows{skipped} -> {', '.join(done)}")
+    with _terminate_like_interrupt():
+        for plan in plans:
+            _predict_one(plan, model, specs[plan.scene], options, info, rank, world, barrier,
+                         overwrite, simplify, min_area, echo)
     return plans
+
+
+def _predict_one(plan: SceneOutputs, model: nn.Module, spec: InputSpec, options: PredictOptions,
+                 info: ClassInfo, rank: int, world: int, barrier: Any, overwrite: bool,
+                 simplify: float | None, min_area: float, echo: Callable[[str], None]) -> None:
+    scratch_dir = None
+    classes_path = plan.classes
+    if classes_path is None:  # vectors only: the class raster is an intermediate
+        target = plan.vectors
+        scratch_dir = tempfile.TemporaryDirectory(prefix=scratch_prefix(), dir=target.parent)
+        classes_path = Path(scratch_dir.name) / f"{scene_stem(plan.scene)}.tif"
+    try:
+        result = predict_scene(plan.scene, model, spec, classes_path, plan.confidence, options,
+                               rank=rank, world_size=world, barrier=barrier)
+        if plan.vectors is not None and rank == 0:
+            with warnings.catch_warnings():
+                # resolve_scene already said what a scene without a CRS means for its outputs.
+                warnings.filterwarnings("ignore", message="class raster has no CRS",
+                                        category=UserWarning)
+                gdf = vectorize_raster(classes_path, classes=info,
+                                       simplify=_simplify_tolerance(classes_path, simplify),
+                                       min_area=min_area, progress=options.progress)
+            plan.extra_files = write_vectors(gdf, plan.vectors, info, overwrite=overwrite)[1:]
+            plan.polygons = len(gdf)
+        if barrier is not None:
+            barrier()
+    finally:
+        if scratch_dir is not None:
+            remove_quietly(classes_path)
+            scratch_dir.cleanup()
+    if rank == 0:
+        done = [str(p) for p in (plan.classes, plan.confidence, plan.vectors) if p is not None]
+        skipped = f", {result.windows_skipped} all-nodata windows skipped" if result.windows_skipped else ""
+        echo(f"{scene_name(plan.scene)}: {result.windows_run} windows{skipped} -> {', '.join(done)}")
+
+
+def _simplify_tolerance(classes_path: Path, simplify: float | None) -> float | None:
+    """The default tolerance, one pixel, measured along the pixel's true sides (a rotated grid's
+    |a| and |e| can be 0)."""
+    if simplify is not None:
+        return simplify
+    import rasterio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(classes_path) as ds:
+            return sum(pixel_size(ds.transform)) / 2
