@@ -18,7 +18,8 @@ _TTA_HELP = ("Test-time augmentation, GeoSeg's sets: flip = every combination of
 
 
 @click.command("predict")
-@click.argument("scenes", nargs=-1, required=True, type=click.Path(path_type=Path))
+# Text, not click.Path: a URL or /vsi path is GDAL's to open (Path would collapse "//").
+@click.argument("scenes", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Output; its suffix picks the kind: .tif class raster, or .gpkg/.geojson/.fgb/"
                    ".parquet polygons. With several scenes, {stem} is replaced by each scene's name. "
@@ -41,13 +42,20 @@ _TTA_HELP = ("Test-time augmentation, GeoSeg's sets: flip = every combination of
               help="Also write the max softmax probability as a float32 COG.")
 @click.option("--resample/--no-resample", default=True, show_default=True,
               help="Run the model at the bundle's training GSD when the scene's differs.")
+@click.option("--rescale", default=None, metavar="auto|none|FACTOR",
+              help="When a scene's values differ from the training data's (e.g. 16-bit scene, "
+                   "8-bit model): auto maps each band's 1st-99th percentiles onto the training "
+                   "ones, FACTOR multiplies the values, none runs as is. Default: refuse.")
+@click.option("--bands", "band_list", default=None, metavar="N,N,...",
+              help="Scene bands (1-based) that feed the model, in the model's order; "
+                   "default: the bundle's.")
 @click.option("--min-area", default=0.0, show_default=True, help="Drop polygons smaller than this (m²).")
 @click.option("--simplify", default=None, type=float,
               help="Simplification tolerance in map units (default: one pixel; 0: none).")
 @click.option("--overwrite", is_flag=True, help="Replace outputs that exist.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def predict(scenes, out, out_format, bundle, tile, overlap, batch_size, tta, device, raster, confidence,
-            resample, min_area, simplify, overwrite, quiet) -> None:
+            resample, rescale, band_list, min_area, simplify, overwrite, quiet) -> None:
     """Segment SCENES (GeoTIFFs of any size) into a class raster and/or polygons on their own grid."""
     from rsseg.bundle import load_bundle
 
@@ -58,17 +66,33 @@ def predict(scenes, out, out_format, bundle, tile, overlap, batch_size, tta, dev
                            overwrite, quiet)
         return
 
+    from rsseg.data.radiometry import parse_rescale
     from rsseg.inference.predict import PredictOptions
     from rsseg.inference.run import plan_outputs, predict_scenes
 
-    # Cheap checks first: a wrong suffix or an existing output is reported before the model loads.
-    plan_outputs(list(scenes), out, raster, confidence, overwrite)
+    # Cheap checks first: a wrong suffix, an existing output or an output that is an input is
+    # reported before the model loads.
+    rescale_mode = parse_rescale(rescale)
+    bands = _parse_bands(band_list)
+    plan_outputs(list(scenes), out, raster, confidence, overwrite, inputs=[bundle])
     model, meta = load_bundle(bundle, device=device)
     options = PredictOptions(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, device=device,
-                             resample=resample, progress=not quiet)
+                             resample=resample, progress=not quiet, rescale=rescale_mode, bands=bands)
     predict_scenes(list(scenes), out, model, meta, options=options, raster=raster,
                    confidence=confidence, overwrite=overwrite, simplify=simplify, min_area=min_area,
-                   echo=lambda s: click.echo(s, err=True))
+                   echo=lambda s: click.echo(s, err=True), inputs=[bundle])
+
+
+def _parse_bands(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        bands = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        bands = []
+    if not bands or min(bands) < 1:
+        raise UsageError(f"--bands takes 1-based band numbers separated by commas, got {text!r}")
+    return bands
 
 
 def _loveda_submission(scenes, out, bundle, batch_size, tta, device, raster, confidence, overwrite,
@@ -103,11 +127,13 @@ def _loveda_submission(scenes, out, bundle, batch_size, tta, device, raster, con
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def vectorize(raster, out, classes_file, min_area, simplify, block_rows, overwrite, quiet) -> None:
     """Turn a uint8 class raster (255 = nodata) into polygons per class with a QGIS style."""
+    from rsseg.inference.paths import remove_stale_partials
     from rsseg.inference.vectorize import read_classes_file, vectorize_to_file
 
     if block_rows is not None and block_rows < 1:
         raise UsageError(f"--block-rows must be at least 1, got {block_rows}")
     info = read_classes_file(classes_file) if classes_file is not None else None
+    remove_stale_partials(out.parent if str(out.parent) else Path("."))  # left by killed runs
     files, n = vectorize_to_file(raster, out, classes=info, simplify=simplify, min_area=min_area,
                                  overwrite=overwrite, progress=not quiet, block_rows=block_rows)
     click.echo(f"{n} polygons -> {', '.join(str(f) for f in files)}", err=True)

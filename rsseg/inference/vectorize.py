@@ -36,7 +36,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from rsseg.errors import DataError, OutputError, UsageError
+from rsseg.errors import DataError, OutputError, UsageError, warn
 from rsseg.inference.qgis_style import is_raster_qml, vector_qml
 from rsseg.inference.rasterio_out import NODATA_CLASS, read_class_metadata, temporary_path
 from rsseg.inference.seam_merge import merge_seam_pieces
@@ -215,7 +215,7 @@ def _open_class_raster(path: Path) -> rasterio.DatasetReader:
 def _areas_m2(gdf: gpd.GeoDataFrame) -> np.ndarray:
     """Polygon areas in square metres: projected on the fly for a geographic CRS."""
     if gdf.crs is None:
-        warnings.warn("class raster has no CRS; area_m2 is in squared map units", stacklevel=3)
+        warn("class raster has no CRS; area_m2 is in squared map units")
         return gdf.geometry.area.to_numpy()
     if gdf.crs.is_geographic:
         if len(gdf) == 0:
@@ -348,10 +348,10 @@ def check_vector_output(out: Path, overwrite: bool) -> str:
     out = Path(out)
     driver = VECTOR_DRIVERS.get(out.suffix.lower())
     if driver is None:
-        raise OutputError(
-            f"unknown output suffix {out.suffix or '(none)'!r} for {out.name}; "
-            f"use one of {', '.join(list(VECTOR_DRIVERS) + list(RASTER_SUFFIXES))}"
-        )
+        # Only vector suffixes are allowed here; a raster suffix gets its own reason.
+        why = ("vectorize writes polygons, not a raster" if out.suffix.lower() in RASTER_SUFFIXES
+               else f"unknown output suffix {out.suffix or '(none)'!r}")
+        raise OutputError(f"{why} ({out.name}); use one of {', '.join(VECTOR_DRIVERS)}")
     if driver == "Parquet" and importlib.util.find_spec("pyarrow") is None:
         raise OutputError("writing .parquet needs pyarrow (pip install pyarrow); or use .gpkg/.fgb")
     check_writable(out, overwrite)
