@@ -15,11 +15,16 @@ Reports the best wall time (of --repeat runs) of forward (no grad) and forward+b
 difference of outputs and of every gradient against the unbind loop, and peak memory (CPU: the
 growth of the process's peak RSS over the call, each measurement in a fresh process; CUDA: the allocator peak).
 With ``--device cuda`` and mamba-ssm importable it also checks the torch scan against the kernel.
+With ``--device cuda`` it also times the scan backends (torch, triton, and cuda where mamba-ssm is
+importable) per case, fwd and fwd+bwd, and checks the Triton kernel against the torch scan
+(outputs, last state and every gradient) within mamba-ssm's tolerances; ``--backends-only`` runs
+just that (a few seconds: the loop baselines are for CPU).
 Then SS2D forward on a 256 x 256 x 64 map, batch 1 (target: under 4 GB peak on CPU).
 
     python benchmarks/scan.py                 # full run on CPU (about 25 minutes, 17 of them the index loop)
     python benchmarks/scan.py --quick         # small shapes, a smoke run
     python benchmarks/scan.py --device cuda   # on a GPU machine, plus the kernel agreement check
+    python benchmarks/scan.py --device cuda --backends-only   # backend times + Triton check only
 """
 
 from __future__ import annotations
@@ -227,6 +232,56 @@ def kernel_agreement(case: tuple) -> None:
         )
 
 
+def backend_timings(case: tuple, repeat: int, device: str = "cuda") -> list[tuple]:
+    """(case, mode, backend, ms) for each scan backend that runs here (CUDA; CPU only under
+    TRITON_INTERPRET=1, as a smoke test)."""
+    b, d, n, length = case[:4]
+    inp = make_inputs(b, d, n, length, device)
+    backends = ["torch", "triton"] + (["cuda"] if scan_module._load_kernel() is not None else [])
+    rows = []
+    for backend in backends:
+        def fn(leaves: dict, backend: str = backend) -> torch.Tensor:
+            return selective_scan(**leaves, delta_softplus=True, backend=backend)
+
+        for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+            run_once(fn, inp, backward, device)  # warm-up (and Triton's compilation)
+            t = timed(fn, inp, backward, device, repeat)
+            rows.append((f"b{b} KD{d} N{n} L{length}", mode, backend, t * 1e3))
+            print(f"  {mode:8s} {backend:7s} b{b} KD{d} N{n} L{length}: {t * 1e3:9.2f} ms", flush=True)
+    return rows
+
+
+def triton_agreement(case: tuple, device: str = "cuda") -> bool:
+    """Triton kernel vs torch scan (outputs, last state, every gradient), mamba-ssm's tolerances."""
+    b, d, n, length = case[:4]
+    ok_all = True
+    for dtype, rtol, atol in ((torch.float32, 6e-4, 2e-3), (torch.bfloat16, 3e-2, 5e-2)):
+        inp = make_inputs(b, d, n, length, device)
+        inp = {k: (v.to(dtype) if k in ("u", "delta", "B", "C", "z") else v) for k, v in inp.items()}
+        results = {}
+        for backend in ("torch", "triton"):
+            leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
+            y, last = selective_scan(**leaves, delta_softplus=True, return_last_state=True, backend=backend)
+            weight = torch.linspace(-1, 1, y.numel(), device=device).view_as(y)
+            ((y.float() * weight).sum() + last.sum()).backward()
+            results[backend] = (y.detach(), last.detach(), {k: v.grad for k, v in leaves.items()})
+        (y_t, last_t, g_t), (y_k, last_k, g_k) = results["torch"], results["triton"]
+        ok = torch.allclose(y_k.float(), y_t.float(), rtol=rtol, atol=atol)
+        ok &= torch.allclose(last_k, last_t, rtol=rtol, atol=atol)
+        worst = ""
+        for k in g_t:
+            scale = max(1.0, g_t[k].float().abs().max().item())
+            good = torch.allclose(g_k[k].float(), g_t[k].float(), rtol=rtol, atol=atol * scale)
+            ok &= good
+            if not good:
+                worst += f" {k}: max diff {(g_k[k].float() - g_t[k].float()).abs().max():.2e} (scale {scale:.1e})"
+        ok_all &= ok
+        print(f"triton agreement {str(dtype):15s} case {case[:4]}: outputs, last state and gradients "
+              f"within rtol={rtol} atol={atol}: {ok}; max |out diff| "
+              f"{(y_k.float() - y_t.float()).abs().max():.2e}{worst}")
+    return ok_all
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -237,6 +292,8 @@ def main() -> None:
                         help="torch CPU threads (0: torch's default); 1 is steadiest on a loaded machine")
     parser.add_argument("--index-length", type=int, default=0,
                         help="length at which the index loop is timed (0: per case, see CASES)")
+    parser.add_argument("--backends-only", action="store_true",
+                        help="with --device cuda: only the backend timings and the Triton check")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -247,6 +304,16 @@ def main() -> None:
     device = args.device
     cases = QUICK_CASES if args.quick else CASES
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
+    if device == "cuda":
+        print("\nScan backends on CUDA (best of --repeat; torch = the chunked scan):")
+        backend_rows = [row for case in cases for row in backend_timings(case, args.repeat)]
+        agree = all([triton_agreement(case) for case in cases])
+        print(f"triton agrees with the torch scan on every case: {agree}")
+        print(f"{'case':24s} {'mode':8s} {'backend':8s} {'ms':>10s}")
+        for case_name, mode, backend, ms in backend_rows:
+            print(f"{case_name:24s} {mode:8s} {backend:8s} {ms:10.2f}")
+        if args.backends_only:
+            return
 
     rows = []
     for case in cases:
