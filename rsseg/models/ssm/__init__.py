@@ -1,7 +1,8 @@
 """State-space building blocks: the selective scan and the 2D Mamba blocks built on it.
 
 - :func:`selective_scan` / :func:`selective_scan_states`: Mamba's S6 scan (mamba-ssm's CUDA
-  kernel or an exact torch scan; ``RSSEG_SCAN_BACKEND`` = auto | torch | cuda).
+  kernel, a Triton kernel or an exact torch scan; ``RSSEG_SCAN_BACKEND`` = auto | torch | cuda |
+  triton).
 - :class:`SS2D`, :class:`VSSBlock`, :class:`VSSLayer`: VMamba's four-traversal 2D scan, (B, H, W, C).
 - :class:`FourDirectionMamba`: four separately-parameterised Mamba scans, (B, C, H, W) ->
   (B, 4, C, H, W) in the order (right, left, down, up).
@@ -18,6 +19,7 @@ from rsseg.models.ssm.scan import (
     resolve_backend,
     selective_scan,
     selective_scan_states,
+    triton_unsupported_reason,
 )
 from rsseg.models.ssm.scan_orders import DIRECTIONS, from_sequences, merge_sequences, to_sequences
 from rsseg.models.ssm.ss2d import SS2D, VSSBlock, VSSLayer
@@ -38,4 +40,5 @@ __all__ = [
     "selective_scan",
     "selective_scan_states",
     "to_sequences",
+    "triton_unsupported_reason",
 ]
