@@ -162,7 +162,7 @@ def test_real_geotiff_patch_georeferencing_equals_the_source_window(tmp_path, rg
     (raw / "top").mkdir(parents=True)
     shutil.copy(rgb_byte_tif, raw / "top" / "top_mosaic_09cm_area2.tif")
     with rasterio.open(rgb_byte_tif) as src:
-        profile, image = src.profile, src.read()
+        profile, image, nodata = src.profile, src.read(), src.dataset_mask() == 0
     classes = (image[0] // 64).astype(np.uint8)  # some label aligned with the image
     profile.update(nodata=None)
     with rasterio.open(raw / "top_mosaic_09cm_area2.tif", "w", **profile) as dst:
@@ -180,7 +180,9 @@ def test_real_geotiff_patch_georeferencing_equals_the_source_window(tmp_path, rg
             h, w = min(256, 718 - row), min(256, 791 - col)
             np.testing.assert_array_equal(img[:, :h, :w], image[:, row : row + h, col : col + w])
             lab, _, _ = _read(out / patch["label"])
-            np.testing.assert_array_equal(lab[0, :h, :w], classes[row : row + h, col : col + w])
+            # Nodata pixels (value 0 around the footprint) are ignore (6), never a class.
+            expected = np.where(nodata, 6, classes)[row : row + h, col : col + w]
+            np.testing.assert_array_equal(lab[0, :h, :w], expected)
 
 
 @pytest.mark.parametrize("zipped", [False, True])

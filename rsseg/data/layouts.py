@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import Callable
 
 from rsseg.data.specs import get_spec
-from rsseg.errors import DataError
+from rsseg.errors import DataError, RssegWarning
 
 
-class DataWarning(UserWarning):
-    """Something in the input data was repaired or skipped; the message says what."""
+class DataWarning(RssegWarning):
+    """Something in the input data was repaired or skipped; the message says what. An
+    :class:`RssegWarning`, so the CLI shows it as one ``rsseg: warning:`` line; its own class
+    lets callers filter data warnings alone."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,14 @@ Output layout::
     OUT/{train,val,test}/images/<tile>_<row>_<col>.tif   (chosen bands, source dtype)
     OUT/{train,val,test}/labels/<tile>_<row>_<col>.tif   (uint8 class indices)
 
+Pixels without data (GDAL's mask: internal mask, nodata values, an alpha band that is a mask by
+:func:`rsseg.data.radiometry.decide_alpha`, the same rule ``predict`` uses; and NaN) are labelled
+ignore, so the model never learns from what prediction will treat as nodata.
+
+The manifest's ``radiometry`` records what the training images' values are (source dtype, band
+count and labels, per-band 1st/99th percentiles, min, max over the training patches' labelled
+pixels); bundles carry it so that ``predict`` can refuse a scene in another value range.
+
 The manifest records parameters and SHA-256 checksums of inputs and outputs, so a re-run skips
 finished tiles and redoes any whose input or parameters changed.
 """
@@ -35,6 +43,7 @@ from rasterio.windows import transform as window_transform
 from tqdm import tqdm
 
 from rsseg.data.layouts import DataWarning, SourceTile, find_source_tiles
+from rsseg.data.radiometry import band_label, band_statistics, decide_alpha, read_valid
 from rsseg.data.specs import DatasetSpec, get_spec
 from rsseg.errors import DataError, UsageError
 
@@ -228,12 +237,21 @@ def _cut_tile(tile: SourceTile, split: str, spec: DatasetSpec, out: Path, patch:
                 height, width = min(height, lab.height), min(width, lab.width)
             if img.crs is None:
                 stats["no_crs"].append(str(tile.image))
+            alpha = decide_alpha(img, tile.band_indexes, tile.image.name)
+            if alpha.note:
+                stats["alpha_data"].append(alpha)
             for row in window_origins(height, patch, stride):
                 for col in window_origins(width, patch, stride):
                     # Read only the part inside the tile; pad the rest (image 0, label ignore).
                     inside = Window(col, row, min(patch, width - col), min(patch, height - row))
-                    image = _pad(img.read(tile.band_indexes, window=inside), patch, 0)
+                    raw = img.read(tile.band_indexes, window=inside)
                     labels, unmatched, examples = _read_label_window(lab, inside, tile, spec)
+                    # No data, no label: what predict will mask is never learnt from.
+                    valid = read_valid(img, inside, alpha)
+                    if raw.dtype.kind == "f":
+                        valid &= np.isfinite(raw).all(axis=0)
+                    labels[~valid] = spec.ignore_index
+                    image = _pad(raw, patch, 0)
                     labels = _pad(labels, patch, spec.ignore_index)
                     stats["unmatched"] += unmatched
                     if unmatched:
@@ -386,7 +404,8 @@ def prepare_dataset(
     for stale in old_tiles.values():  # tiles that disappeared from the input
         _remove_outputs(out, stale)
 
-    stats: dict[str, Any] = {"unmatched": 0, "unmatched_files": set(), "examples": set(), "no_crs": []}
+    stats: dict[str, Any] = {"unmatched": 0, "unmatched_files": set(), "examples": set(), "no_crs": [],
+                             "alpha_data": []}
     total = sum(_count_windows(t, patch, p["stride"]) for t, p in todo)
     with tqdm(total=total, desc=f"prepare {dataset}", unit="patch", disable=not progress or not total) as bar:
         _write_manifest(out, manifest)
@@ -402,6 +421,7 @@ def prepare_dataset(
             entry["complete"] = True
             manifest["tiles"][tile.tile_id] = entry
             _write_manifest(out, manifest)  # after every tile, so an interrupted run resumes
+    manifest["radiometry"] = training_radiometry(out, manifest, tiles, old.get("radiometry"))
     _write_manifest(out, manifest)
 
     if stats["unmatched"]:
@@ -412,6 +432,11 @@ def prepare_dataset(
             DataWarning,
             stacklevel=2,
         )
+    if stats["alpha_data"]:
+        first = stats["alpha_data"][0]
+        more = f" (and {len(stats['alpha_data']) - 1} more image(s))" if len(stats["alpha_data"]) > 1 else ""
+        warnings.warn(f"{first.note}{more}; its pixels are trained on, as predict will read them",
+                      DataWarning, stacklevel=2)
     if stats["no_crs"]:
         warnings.warn(
             f"{len(stats['no_crs'])} source image(s) have no CRS (e.g. {stats['no_crs'][0]}); "
@@ -420,6 +445,51 @@ def prepare_dataset(
             stacklevel=2,
         )
     return out
+
+
+# Training patches read for the value statistics (evenly spread) and the pixel stride within them:
+# about a million values per band, whatever the dataset's size.
+RADIOMETRY_PATCHES = 64
+RADIOMETRY_STRIDE = 8
+
+
+def training_radiometry(out: Path, manifest: dict[str, Any], tiles: list[SourceTile],
+                        previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Source dtype, band count and labels, and per-band value statistics of the training split
+    (see the module doc). Reused from ``previous`` when the training patches are unchanged."""
+    train_ids = manifest["splits"].get("train", []) or manifest["splits"].get("val", [])
+    patches = [p for t in train_ids for p in manifest["tiles"].get(t, {}).get("patches", [])]
+    key = hashlib.sha256("".join(sorted(p["image_sha256"] for p in patches)).encode()).hexdigest()
+    if previous and previous.get("key") == key:
+        return previous
+    band_indexes = list(manifest["band_indexes"])
+    counts, labels = set(), None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        for tile in tiles:
+            if tile.tile_id not in train_ids:
+                continue
+            with rasterio.open(tile.image) as src:
+                counts.add(src.count)
+                these = [band_label(src, b) for b in tile.band_indexes]
+            # A label the training images disagree on is unknown ("").
+            labels = these if labels is None else [a if a == b else "" for a, b in zip(labels, these)]
+        chosen = patches[:: max(1, len(patches) // RADIOMETRY_PATCHES)][:RADIOMETRY_PATCHES]
+        values, dtype = [], None
+        for p in chosen:
+            with rasterio.open(out / p["image"]) as img, rasterio.open(out / p["label"]) as lab:
+                dtype = dtype or img.dtypes[0]
+                image = img.read()[:, ::RADIOMETRY_STRIDE, ::RADIOMETRY_STRIDE]
+                labelled = lab.read(1)[::RADIOMETRY_STRIDE, ::RADIOMETRY_STRIDE] != manifest["ignore_index"]
+            values.append(image[:, labelled].astype(np.float64))
+    sample = np.concatenate(values, axis=1) if values else np.zeros((len(band_indexes), 0))
+    return {
+        "key": key,
+        "source_dtype": dtype,
+        "source_band_count": counts.pop() if len(counts) == 1 else None,
+        "source_band_labels": labels,
+        "band_stats": band_statistics(sample) if sample.shape[1] else None,
+    }
 
 
 def prepared_folder_name(bands: str, patch: int) -> str:

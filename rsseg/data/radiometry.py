@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import rasterio
@@ -216,13 +216,3 @@ def auto_rescale(scene_stats: list[dict[str, float]], train_stats: list[dict[str
         offsets.append(float(t["p1"] - s["p1"] * gain))
     return Rescale(tuple(gains), tuple(offsets))
 
-
-def manifest_radiometry(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The bundle fields recorded by prepare (all None for folders prepared before they were)."""
-    rad = manifest.get("radiometry") or {}
-    return {
-        "source_dtype": rad.get("source_dtype"),
-        "source_band_count": rad.get("source_band_count"),
-        "source_band_labels": rad.get("source_band_labels"),
-        "band_stats": rad.get("band_stats"),
-    }

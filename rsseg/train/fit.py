@@ -386,6 +386,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                 std=[float(v) for v in manifest["std"]],
                 patch_size=cfg.crop_size,
                 gsd_m=manifest.get("gsd_m"),
+                # The training data's radiometry from prepare (absent in older manifests: None,
+                # then predict skips the checks that need it).
+                source_dtype=(manifest.get("radiometry") or {}).get("source_dtype"),
+                source_band_count=(manifest.get("radiometry") or {}).get("source_band_count"),
+                source_band_labels=(manifest.get("radiometry") or {}).get("source_band_labels"),
+                band_stats=(manifest.get("radiometry") or {}).get("band_stats"),
                 dataset=cfg.dataset,
                 extra={
                     "best_val_miou": best_miou,
