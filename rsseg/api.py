@@ -110,6 +110,63 @@ def evaluate(model: str | os.PathLike[str], dataset: str | None = None, **option
     return run_evaluation(Path(model), dataset, **options)
 
 
+def predict(
+    scenes: str | os.PathLike[str] | list[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    model: str | os.PathLike[str] | None = None,
+    *,
+    raster: str | os.PathLike[str] | None = None,
+    confidence: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    simplify: float | None = None,
+    min_area: float = 0.0,
+    **options: Any,
+) -> list[Any]:
+    """Segment GeoTIFF scenes into a class raster and/or polygons on their own grid.
+
+    ``out``'s suffix picks the output (``.tif`` class COG; ``.gpkg`` / ``.geojson`` / ``.fgb`` /
+    ``.parquet`` polygons; ``{stem}`` for several scenes). ``model``: a bundle; None takes the
+    default (:mod:`rsseg.default_model`). ``options`` are :class:`rsseg.inference.predict.
+    PredictOptions` fields (``tile``, ``overlap``, ``batch_size``, ``tta``, ``device``,
+    ``resample``, ``rescale``, ``progress``...). Returns one record of outputs per scene.
+    """
+    from rsseg.bundle import load_bundle as read
+    from rsseg.default_model import resolve_model
+    from rsseg.inference.predict import PredictOptions
+    from rsseg.inference.run import plan_outputs, predict_scenes
+
+    scene_list = [Path(scenes)] if isinstance(scenes, (str, os.PathLike)) else [Path(s) for s in scenes]
+    chosen = resolve_model(model)
+    if chosen.reason != "--model":
+        log.warning("model %s (%s)", chosen.path, chosen.reason)
+    raster_path = Path(raster) if raster else None
+    confidence_path = Path(confidence) if confidence else None
+    # Cheap checks first: a wrong suffix or an existing output is reported before the model loads.
+    plan_outputs(scene_list, Path(out), raster_path, confidence_path, overwrite)
+    options.setdefault("progress", False)
+    net, meta = read(chosen.path, device=options.get("device", "cpu"))
+    return predict_scenes(scene_list, Path(out), net, meta, options=PredictOptions(**options),
+                          raster=raster_path, confidence=confidence_path, overwrite=overwrite,
+                          simplify=simplify, min_area=min_area, echo=log.info)
+
+
+def vectorize(
+    raster: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    classes: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> tuple[list[Path], int]:
+    """Polygons of a uint8 class raster (255 = nodata), merged across blocks, simplified as a
+    coverage, styled for QGIS. ``classes``: a bundle, JSON or text file of names/colours (default:
+    the raster's own metadata). ``options``: ``simplify``, ``min_area``, ``overwrite``,
+    ``progress``, ``block_rows``. Returns (files written, polygon count)."""
+    from rsseg.inference.vectorize import read_classes_file, vectorize_to_file
+
+    info = read_classes_file(Path(classes)) if classes is not None else None
+    return vectorize_to_file(Path(raster), Path(out), classes=info, **options)
+
+
 def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> tuple[Any, Any]:
     """(model in eval mode, BundleMeta) of a ``.safetensors`` bundle written by ``rsseg train``."""
     from rsseg.bundle import load_bundle as read
