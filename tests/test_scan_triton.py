@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # also when run as the interpreter subprocess
@@ -133,9 +132,11 @@ def test_interpreted_kernel_matches_the_oracle(interpreted, name):
     for k, grad in got["grads"].items():
         want = ref[k].grad
         assert grad is not None and grad.dtype == inp[k].dtype and grad.shape == inp[k].shape, k
-        # Gradients are sums over positions: atol scaled by the gradient's size, as for the kernel.
+        # Gradients are sums over positions: atol scaled by the gradient's size, as for the kernel;
+        # float32 gets the torch scan's x10 for gradients, half precision mamba-ssm's tolerances.
         scale = max(1.0, want.abs().max().item())
-        torch.testing.assert_close(grad.double(), want, rtol=rtol * 10, atol=atol * 10 * scale, msg=k)
+        widen = 10 if dtype == torch.float32 else 1
+        torch.testing.assert_close(grad.double(), want, rtol=rtol * widen, atol=atol * widen * scale, msg=k)
 
 
 def test_interpreted_cases_cover_the_required_shapes():

@@ -51,7 +51,6 @@ CHUNK = 64
 # State elements (BLOCK_D x padded d_state) per program: enough work per step for a few warps,
 # few enough that b * d / BLOCK_D programs fill the GPU. Read at each call (tests lower both).
 BLOCK_ELEMENTS = 256
-LOG2E = 1.4426950408889634
 
 
 def interpreter_enabled() -> bool:
@@ -108,7 +107,8 @@ def _scan_fwd(
 
     # exp(dt * A) as exp2(dt * A * log2(e)); padded rows/columns have A = 0, so decay 1 and a
     # zero drive: their state stays 0.
-    A2 = tl.load(A_ptr + ch[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * 1.4426950408889634
+    A2 = tl.load(A_ptr + ch[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
+    A2 = A2 * 1.4426950408889634
     if HAS_D:
         Dv = tl.load(D_ptr + ch, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -168,7 +168,8 @@ def _scan_bwd(
     # This program's scratch: CHUNK_L slots of a (BLOCK_D, BLOCK_N) block, unmasked. Slot k holds
     # the state before position chunk_start + k.
     block = tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + offs_n[None, :]
-    scratch = scratch_ptr + (pid_b * tl.num_programs(1) + pid).to(tl.int64) * (CHUNK_L * BLOCK_D * BLOCK_N) + block
+    program = (pid_b * tl.num_programs(1) + pid).to(tl.int64)
+    scratch = scratch_ptr + program * (CHUNK_L * BLOCK_D * BLOCK_N) + block
 
     A = tl.load(A_ptr + ch[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
     A2 = A * 1.4426950408889634
