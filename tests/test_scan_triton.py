@@ -151,6 +151,39 @@ def test_interpreted_cases_cover_the_required_shapes():
     assert {c.get("dtype", "float32") for c in CASES.values()} == {"float32", "bfloat16", "float16"}
 
 
+def _compile_for_gpu() -> None:
+    """In a subprocess: compile both kernels (every option on, bf16 data) for sm_90, no GPU needed.
+
+    The interpreter runs the kernels as Python; this catches what only the compiler rejects."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from rsseg.models.ssm import triton_scan
+
+    ints = {"L", "DIM", "G", "DG", "N", "n_dblocks", "n_chunks"}
+    data = {"u_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "ddt_ptr", "dz_ptr"}
+    flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, CHUNK_L=64, BLOCK_D=16, BLOCK_N=16)
+    for fn, extra in ((triton_scan._scan_fwd, {"STORE_CKPT": True}), (triton_scan._scan_bwd, {})):
+        kernel, constexprs = triton.jit(fn), {**flags, **extra}
+        signature = {
+            name: "constexpr" if name in constexprs else "i32" if name in ints
+            else "*bf16" if name in data else "*fp32"
+            for name in kernel.arg_names
+        }
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+        print(fn.__name__, "cubin bytes", len(compiled.asm["cubin"]))
+
+
+def test_kernels_compile_for_a_gpu_target(tmp_path):
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, __file__, "--compile"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "_scan_fwd cubin bytes" in proc.stdout and "_scan_bwd cubin bytes" in proc.stdout
+
+
 # ---- AMP: the torch scan computes in float32 under autocast ------------------------------------
 
 
@@ -315,5 +348,8 @@ def test_triton_on_cuda_matches_the_oracle_and_is_auto_without_mamba(monkeypatch
     torch.testing.assert_close(y_amp.double().cpu(), y_ref, rtol=3e-2, atol=5e-2)
 
 
-if __name__ == "__main__":  # the interpreter subprocess of the `interpreted` fixture
-    _interpreter_child(sys.argv[1])
+if __name__ == "__main__":  # the subprocesses of `interpreted` and of the compile test
+    if sys.argv[1] == "--compile":
+        _compile_for_gpu()
+    else:
+        _interpreter_child(sys.argv[1])
