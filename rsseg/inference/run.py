@@ -192,6 +192,8 @@ def predict_scenes(
         options.progress = False
     spec = InputSpec.from_meta(meta)
     scenes = [os.fspath(s) for s in scenes]
+    raster = Path(raster) if raster is not None else None
+    confidence = Path(confidence) if confidence is not None else None
     plans = plan_outputs(scenes, Path(out), raster, confidence, overwrite, inputs=inputs)
     # Every scene checked against the bundle before the first one runs; each scene's warnings
     # are said here, once.
@@ -231,7 +233,10 @@ def _predict_one(plan: SceneOutputs, model: nn.Module, spec: InputSpec, options:
                 gdf = vectorize_raster(classes_path, classes=info,
                                        simplify=_simplify_tolerance(classes_path, simplify),
                                        min_area=min_area, progress=options.progress)
-            plan.extra_files = write_vectors(gdf, plan.vectors, info, overwrite=overwrite)[1:]
+            with warnings.catch_warnings():
+                # pyogrio's note that a layer has no CRS: resolve_scene said it, in one line.
+                warnings.filterwarnings("ignore", message="'crs' was not provided", category=UserWarning)
+                plan.extra_files = write_vectors(gdf, plan.vectors, info, overwrite=overwrite)[1:]
             plan.polygons = len(gdf)
         if barrier is not None:
             barrier()
