@@ -38,7 +38,7 @@ from torch import Tensor
 
 from rsseg.errors import UsageError, unknown_name
 
-BACKENDS = ("auto", "torch", "cuda", "triton")
+BACKENDS = ("auto", "torch", "cuda", "triton", "fused")
 ENV_VAR = "RSSEG_SCAN_BACKEND"
 
 # Sizes of the torch scan's work units, in elements of one (batch, channel, state, position)
@@ -113,10 +113,14 @@ def resolve_backend(
 ) -> str:
     """``torch``, ``cuda`` or ``triton`` for these inputs; asking for a backend where it cannot run
     is a UsageError. ``auto``: on CUDA tensors mamba-ssm's kernel, else the Triton kernel, else the
-    torch scan; on CPU tensors the torch scan."""
+    torch scan; on CPU tensors the fused numba scan (``fused``, float32/half inputs) where numba
+    is importable, else the torch scan."""
     name = requested_backend(backend)
     if name == "torch":
         return "torch"
+    if name == "fused" or (name == "auto" and u.device.type == "cpu"):
+        if _fused_choice(name, u, A, strict=True) == "fused":
+            return "fused"
     if name == "triton":
         triton_reason = triton_unsupported_reason(u, delta, A, B, C, z)
         if triton_reason is not None:
@@ -140,6 +144,22 @@ def triton_unsupported_reason(
     from rsseg.models.ssm import triton_scan
 
     return triton_scan.triton_unsupported_reason(u, delta, A, B, C, z)
+
+
+def _fused_choice(name: str, u: Tensor, A: Tensor, strict: bool) -> str | None:
+    """``fused`` where the fused CPU scan (:mod:`.cpu_scan`, numba) runs for ``name``, else None.
+
+    ``auto`` takes it for CPU inputs other than float64 (float64 stays on the torch scan, the
+    reference). Asking for ``fused`` where it cannot run is a UsageError when ``strict``.
+    """
+    from rsseg.models.ssm import cpu_scan  # imports numba: on first CPU use only
+
+    reason = cpu_scan.unsupported_reason(u, A)
+    if name == "fused":
+        if reason is not None and strict:
+            raise UsageError(f"scan backend 'fused' cannot run: {reason}")
+        return "fused" if reason is None else None
+    return "fused" if reason is None and u.dtype != torch.float64 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,6 +192,11 @@ def selective_scan(
 
         y, last = triton_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         return (y, last) if return_last_state else y
+    if chosen == "fused":
+        from rsseg.models.ssm.cpu_scan import fused_scan
+
+        y, last = fused_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        return (y, last) if return_last_state else y
     if chosen == "cuda":
         kernel = _load_kernel()
         assert kernel is not None
@@ -196,10 +221,16 @@ def selective_scan_states(
 ) -> Tensor:
     """The whole hidden-state sequence ``h`` (b, d, n, l) of the scan, exactly, for any ``n``.
 
-    Always the torch scan (mamba-ssm's kernel does not expose its states); computed in float32
-    (float64 for float64 inputs) and returned in ``u``'s dtype.
+    The fused CPU scan where ``auto``/``fused`` can use it, else the torch scan (mamba-ssm's
+    kernel does not expose its states); computed in float32 (float64 for float64 inputs) and
+    returned in ``u``'s dtype.
     """
     _check_shapes(u, delta, A, B, None, None, None, delta_bias)
+    name = requested_backend()
+    if name in ("auto", "fused") and u.device.type == "cpu" and _fused_choice(name, u, A, strict=False):
+        from rsseg.models.ssm.cpu_scan import fused_scan
+
+        return fused_scan(u, delta, A, B, None, None, None, delta_bias, delta_softplus)[0]
     h, _ = _torch_scan(u, delta, A, B, None, None, None, delta_bias, delta_softplus, want_states=True)
     return h
 
