@@ -7,9 +7,15 @@ official Vaihingen/Potsdam test tiles are the ones listed here.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from rsseg.errors import unknown_name
+from rsseg.errors import DataError, unknown_name
+
+# The dataset spec a folder prepared from the user's own data carries (rsseg.data.own).
+SPEC_FILE = "dataset.json"
 
 # ImageNet statistics in 0..255 source units; the papers normalise every band set with them.
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
@@ -187,3 +193,38 @@ def get_spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
         raise unknown_name("dataset", name, list(DATASETS))
     return DATASETS[name]
+
+
+def spec_from_file(path: str | os.PathLike[str]) -> DatasetSpec:
+    """The DatasetSpec written by ``rsseg prepare --images`` (``dataset.json``): the user's classes,
+    colours, bands and value statistics; one band set "all" of the images' bands, in order."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        band_names = tuple(str(b) for b in data["band_names"])
+        return DatasetSpec(
+            name=str(data["name"]),
+            title=str(data.get("title", data["name"])),
+            classes=tuple(str(c) for c in data["classes"]),
+            colors=tuple(tuple(int(v) for v in c[:3]) for c in data["colors"]),  # type: ignore[misc]
+            band_sets={"all": BandSet(band_names, tuple(int(i) for i in data["band_indexes"]))},
+            default_bands="all",
+            gsd_m=float(data["gsd_m"]) if data.get("gsd_m") else 0.0,
+            mean=tuple(float(v) for v in data["mean"]),
+            std=tuple(float(v) for v in data["std"]),
+            notes="prepared from your own scenes (rsseg prepare --images)",
+            extra={"dtype": data.get("dtype"), "band_stats": data.get("band_stats"), "own_data": True},
+            split_names=dict(data.get("split_names") or {}),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: unreadable dataset spec ({exc.__class__.__name__}: {exc})") from None
+
+
+def spec_for(dataset: str, data_dir: str | os.PathLike[str] | None = None) -> DatasetSpec:
+    """The spec a run uses: the folder's own ``dataset.json`` when ``data_dir`` has one (a folder
+    prepared from the user's data defines its dataset), else the built-in ``dataset``."""
+    if data_dir is not None:
+        path = Path(data_dir).expanduser() / SPEC_FILE
+        if path.is_file():
+            return spec_from_file(path)
+    return get_spec(dataset)

@@ -20,7 +20,7 @@ import yaml
 
 from rsseg.config import TrainConfig
 from rsseg.data.prepare import ensure_prepared, read_manifest
-from rsseg.data.specs import get_spec
+from rsseg.data.specs import spec_for
 from rsseg.errors import DataError, UsageError, warn
 
 # Set by the launching process so that DDP worker processes (which re-run the command) use the
@@ -75,6 +75,10 @@ def _synthetic_data(cfg: TrainConfig, run_dir: Path) -> Path:
 
 def resolve_data(cfg: TrainConfig, run_dir: Path) -> Path:
     """The prepared folder this run trains on (generated or prepared on first use)."""
+    from rsseg.data.own import is_own_folder
+
+    if is_own_folder(cfg.data_dir):  # prepared from the user's own scenes: used as it is
+        return Path(cfg.data_dir).expanduser()
     if cfg.dataset == "synthetic":
         if cfg.data_dir and (Path(cfg.data_dir) / "manifest.json").is_file():
             return Path(cfg.data_dir)
@@ -242,7 +246,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 f"{backbone_lr:g}"
                 + (" (raised to the head's)" if cfg.backbone_lr == "auto" else "")
             )
-    spec = get_spec(cfg.dataset)
+    # A folder prepared from the user's own data defines its dataset (classes, bands) itself.
+    spec = spec_for(cfg.dataset, cfg.data_dir)
+    if spec.name != cfg.dataset:
+        cfg = cfg.replace(dataset=spec.name)
     run_dir = _run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[_RUN_DIR_ENV] = str(run_dir)
