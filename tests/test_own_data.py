@@ -323,3 +323,24 @@ def test_train_on_own_folder_and_predict_a_held_out_scene(prepared, scenes, tmp_
     scored = (truth != IGNORE) & ~edge
     accuracy = float((predicted[scored] == truth[scored]).mean())
     assert accuracy > 0.9, accuracy
+
+
+def test_cli_prepare_own_data_and_its_one_line_errors(scenes, tmp_path):
+    from click.testing import CliRunner
+
+    from rsseg.cli import main
+
+    runner = CliRunner()
+    images, labels = str(scenes["root"] / "images" / "*.tif"), str(scenes["root"] / "labels.gpkg")
+    result = runner.invoke(main, ["prepare", "--images", images, "--labels", labels, "--label-field",
+                                  "landcover", "--patch", "32", "--block", "64", "-o", str(tmp_path / "mine")])
+    assert result.exit_code == 0, result.output
+    assert "prepared mine (3 classes: field, forest, water; 4 bands)" in result.output
+    assert "rsseg train --data" in result.output
+    assert json.loads((tmp_path / "mine" / SPEC_FILE).read_text())["name"] == "mine"
+    result = runner.invoke(main, ["prepare", "--images", images, "--labels", labels, "--label-field", "kind",
+                                  "-o", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "rsseg: error: " in result.output and "its fields: landcover" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "bad").exists()
+    result = runner.invoke(main, ["prepare", "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--dataset NAME" in result.output

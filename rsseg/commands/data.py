@@ -17,28 +17,68 @@ def _devices(value: str | None) -> int | str | None:
 
 
 @click.command()
-@click.option("--dataset", required=True, type=click.Choice(list_datasets()), help="Dataset name.")
+@click.option("--dataset", type=click.Choice(list_datasets()),
+              help="Built-in dataset name (required unless --images is given).")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path),
               help="Folder with the official archives or their extracted folders "
                    "[default: $RSSEG_DATA/<dataset> or ~/.cache/rsseg/data/<dataset>].")
+@click.option("--images", multiple=True,
+              help="Your own scenes: a glob (quote it), a folder or a file GDAL reads; repeatable.")
+@click.option("--labels", multiple=True,
+              help="Labels for --images: vector layer(s) (GeoPackage, Shapefile, GeoJSON, FlatGeobuf, "
+                   "GeoParquet) or class raster(s); a glob, folder or file; repeatable.")
+@click.option("--label-field", help="Attribute of the vector labels holding class names or ids.")
+@click.option("--classes", "classes_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="YAML/JSON list of {name, value, color} [default: the distinct label values, sorted].")
+@click.option("--ignore-value", help="Label value meaning 'no label' (its pixels are ignored).")
+@click.option("--aoi", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Vector layer: labels count only inside it [default: where the labels are].")
+@click.option("--block", type=int, help="Side in pixels of the blocks the validation split draws "
+              "(own data) [default: 4 patches].")
+@click.option("--name", "dataset_name", help="Dataset name for own data [default: the output folder's name].")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder [default: <data-root>/prepared-<bands>-<patch>].")
-@click.option("--patch", default=1024, show_default=True, help="Patch size in pixels.")
+              help="Output folder [default: <data-root>/prepared-<bands>-<patch>; required with --images].")
+@click.option("--patch", type=int, help="Patch size in pixels [default: 1024; 512 with --images].")
 @click.option("--stride", type=int, help="Training stride [default: patch/2, i.e. 512].")
 @click.option("--test-stride", type=int, help="Validation/test stride [default: patch].")
 @click.option("--bands", help="Band set, e.g. rgb, irrg or rgbir for Potsdam [default: the dataset's].")
 @click.option("--val-fraction", default=0.2, show_default=True,
-              help="Share of training tiles held out for validation.")
+              help="Share of training tiles (own data: blocks) held out for validation.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the validation draw.")
-def prepare(dataset, data_root, out, patch, stride, test_stride, bands, val_fraction, seed) -> None:
-    """Cut a dataset's official layout (zips or folders) into georeferenced patches."""
+def prepare(dataset, data_root, images, labels, label_field, classes_file, ignore_value, aoi, block,
+            dataset_name, out, patch, stride, test_stride, bands, val_fraction, seed) -> None:
+    """Cut a dataset's official layout (zips or folders), or your own scenes and labels
+    (--images/--labels), into georeferenced patches."""
     from rsseg.data.prepare import default_data_root, prepare_dataset, prepared_folder_name, read_manifest
     from rsseg.data.specs import get_spec
+    from rsseg.errors import DataError, UsageError
 
+    if images or labels:
+        if dataset or data_root or bands:
+            raise UsageError("--images/--labels prepare your own data; leave out --dataset, --data-root, --bands")
+        if not (images and labels and out):
+            raise UsageError("own data needs --images, --labels and -o/--out")
+        from rsseg.data.own import prepare_own
+
+        path = prepare_own(list(images), list(labels), out, label_field=label_field, classes=classes_file,
+                           ignore_value=ignore_value, aoi=aoi, patch=patch or 512, stride=stride,
+                           test_stride=test_stride, block=block, val_fraction=val_fraction, seed=seed,
+                           name=dataset_name)
+        manifest = read_manifest(path)
+        counts = {s: sum(len(manifest["tiles"][t]["patches"]) for t in manifest["splits"][s])
+                  for s in ("train", "val")}
+        click.echo(f"prepared {manifest['dataset']} ({len(manifest['classes'])} classes: "
+                   f"{', '.join(manifest['classes'])}; {len(manifest['band_names'])} bands) in {path}: "
+                   f"train {len(manifest['splits']['train'])} blocks / {counts['train']} patches, "
+                   f"val {len(manifest['splits']['val'])} blocks / {counts['val']} patches; "
+                   f"train with: rsseg train --data {path}")
+        return
+    if not dataset:
+        raise UsageError("give --dataset NAME (built-in data) or --images/--labels (your own data)")
+    patch = patch or 1024
     root = data_root or default_data_root(dataset)
     if data_root is None and not root.is_dir():
         from rsseg.data.layouts import EXPECTED_FILES
-        from rsseg.errors import DataError
 
         raise DataError(f"no {dataset} data found: put {EXPECTED_FILES[dataset]} in {root} "
                         "(or set RSSEG_DATA to the folder above it, or pass --data-root)")
