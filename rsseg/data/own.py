@@ -23,13 +23,16 @@ Conventions
   block that overlaps a validation block of another (overlapping) scene is left out. Train and
   validation therefore share no ground.
 
-Where torchgeo is used and where rsseg writes its own: torchgeo's ``RasterDataset`` /
-``VectorDataset`` put every file on one dataset-wide CRS and resolution (warping imagery of
-the other CRSs), and ``VectorDataset`` burns unlabelled pixels as 0 (a real class) and takes
-integer labels only. Prepared patches must stay on each scene's own grid with unlabelled =
-ignore, so the per-image rasterization and label warping here are rsseg's own (rasterio).
-Training straight from scenes (:mod:`rsseg.data.own_scenes`) is where torchgeo's common-grid
-datasets and geo samplers are the right tool, and that module uses them.
+Where torchgeo is used and where rsseg writes its own: nowhere here yet, on purpose.
+torchgeo's ``RasterDataset`` / ``VectorDataset`` put every file on one dataset-wide CRS and
+resolution (warping the imagery of every other CRS), ``VectorDataset`` burns unlabelled pixels as
+0 (a real class), takes integer labels only and re-reads the layer on every query. Prepared
+patches must stay on each scene's own grid (what ``predict`` reads) with unlabelled = ignore, so
+the per-image rasterization (``rasterio.features.rasterize``) and nearest-neighbour label warping
+(``rasterio.warp.reproject``) here are rsseg's own. Training straight from scenes, without a
+patch folder, is where torchgeo's common-grid datasets (image ``RasterDataset`` & label dataset
+intersected) and its geo samplers (``RandomGeoSampler`` over the training blocks' ROI,
+``GridGeoSampler`` over the validation blocks) fit; that is not written yet.
 """
 
 from __future__ import annotations
