@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from rsseg.config import TrainConfig
@@ -101,13 +101,23 @@ def train(
     return result
 
 
-def evaluate(model: str | os.PathLike[str], dataset: str | None = None, **options: Any) -> EvalResult:
+def evaluate(
+    model: str | os.PathLike[str] | None = None,
+    dataset: str | None = None,
+    *,
+    echo: Callable[[str], None] | None = None,
+    **options: Any,
+) -> EvalResult:
     """Score a bundle on a prepared split from one global confusion matrix
     (:func:`rsseg.train.evaluate.evaluate`: ``data_dir``, ``split``, ``tta``, ``batch_size``,
-    ``device``, ``progress``)."""
+    ``device``, ``progress``). ``model`` None takes the default model, as predict does."""
+    from rsseg.default_model import resolve_model
     from rsseg.train.evaluate import evaluate as run_evaluation
 
-    return run_evaluation(Path(model), dataset, **options)
+    chosen = resolve_model(model)
+    if chosen.reason != "--model":
+        (echo or log.info)(f"model {chosen.path} ({chosen.reason})")
+    return run_evaluation(chosen.path, dataset, **options)
 
 
 def predict(
@@ -120,34 +130,46 @@ def predict(
     overwrite: bool = False,
     simplify: float | None = None,
     min_area: float = 0.0,
+    rescale: str | float | None = None,
+    bands: list[int] | None = None,
+    echo: Callable[[str], None] | None = None,
     **options: Any,
 ) -> list[Any]:
-    """Segment GeoTIFF scenes into a class raster and/or polygons on their own grid.
+    """Segment scenes (GeoTIFFs or anything GDAL opens) into a class raster and/or polygons on
+    their own grid.
 
     ``out``'s suffix picks the output (``.tif`` class COG; ``.gpkg`` / ``.geojson`` / ``.fgb`` /
     ``.parquet`` polygons; ``{stem}`` for several scenes). ``model``: a bundle; None takes the
-    default (:mod:`rsseg.default_model`). ``options`` are :class:`rsseg.inference.predict.
-    PredictOptions` fields (``tile``, ``overlap``, ``batch_size``, ``tta``, ``device``,
-    ``resample``, ``rescale``, ``progress``...). Returns one record of outputs per scene.
+    default (:mod:`rsseg.default_model`) and says which. ``rescale``: "check" (default), "auto",
+    "none" or a factor; ``bands``: scene bands in the model's order. ``options`` are
+    :class:`rsseg.inference.predict.PredictOptions` fields (``tile``, ``overlap``,
+    ``batch_size``, ``tta``, ``device``, ``resample``, ``progress``...). Returns one record of
+    outputs per scene.
     """
     from rsseg.bundle import load_bundle as read
+    from rsseg.data.radiometry import parse_rescale
     from rsseg.default_model import resolve_model
     from rsseg.inference.predict import PredictOptions
     from rsseg.inference.run import plan_outputs, predict_scenes
 
-    scene_list = [Path(scenes)] if isinstance(scenes, (str, os.PathLike)) else [Path(s) for s in scenes]
+    echo = echo or log.info
+    scene_list = [scenes] if isinstance(scenes, (str, os.PathLike)) else list(scenes)
+    scene_list = [os.fspath(s) for s in scene_list]  # text: URLs and /vsi paths go to GDAL as given
     chosen = resolve_model(model)
     if chosen.reason != "--model":
-        log.warning("model %s (%s)", chosen.path, chosen.reason)
+        echo(f"model {chosen.path} ({chosen.reason})")
     raster_path = Path(raster) if raster else None
     confidence_path = Path(confidence) if confidence else None
-    # Cheap checks first: a wrong suffix or an existing output is reported before the model loads.
-    plan_outputs(scene_list, Path(out), raster_path, confidence_path, overwrite)
+    rescale_mode = parse_rescale(None if rescale is None else str(rescale))
+    # Cheap checks first: a wrong suffix, an existing output or an output that is an input is
+    # reported before the model loads.
+    plan_outputs(scene_list, Path(out), raster_path, confidence_path, overwrite, inputs=[chosen.path])
     options.setdefault("progress", False)
     net, meta = read(chosen.path, device=options.get("device", "cpu"))
-    return predict_scenes(scene_list, Path(out), net, meta, options=PredictOptions(**options),
-                          raster=raster_path, confidence=confidence_path, overwrite=overwrite,
-                          simplify=simplify, min_area=min_area, echo=log.info)
+    settings = PredictOptions(rescale=rescale_mode, bands=bands, **options)
+    return predict_scenes(scene_list, Path(out), net, meta, options=settings, raster=raster_path,
+                          confidence=confidence_path, overwrite=overwrite, simplify=simplify,
+                          min_area=min_area, echo=echo, inputs=[chosen.path])
 
 
 def vectorize(

@@ -69,3 +69,28 @@ def test_set_default_refuses_what_is_not_a_bundle(place):
 
         set_default_model(junk)
     assert not (place / "config" / "rsseg" / "default-model").exists()
+
+
+def test_the_cards_predict_command_runs_as_written(place):
+    """`rsseg predict scene.tif -o landcover.gpkg` after a training run: no --model needed."""
+    import subprocess
+    import sys
+
+    import geopandas as gpd
+
+    from rsseg.data.synthetic import write_scene
+
+    _bundle(place / "runs" / "unet-r18-vaihingen" / "best.safetensors")
+    write_scene(place / "scene.tif", 96, 128, seed=1, tile=128)
+    result = subprocess.run([sys.executable, "-m", "rsseg.cli", "predict", "scene.tif", "-o", "landcover.gpkg",
+                             "-q", "--tile", "64", "--overlap", "16"],
+                            capture_output=True, text=True, cwd=place, timeout=300,
+                            env={**os.environ, "XDG_CONFIG_HOME": str(place / "config")})
+    assert result.returncode == 0, result.stderr
+    first = result.stderr.splitlines()[0]
+    assert first == "model runs/unet-r18-vaihingen/best.safetensors (the newest finished run under runs/)"
+    assert len(gpd.read_file(place / "landcover.gpkg", layer="landcover")) > 0
+    # eval takes the same default.
+    evaluated = subprocess.run([sys.executable, "-m", "rsseg.cli", "eval", "--dataset", "synthetic"],
+                               capture_output=True, text=True, cwd=place, timeout=300)
+    assert "model runs/unet-r18-vaihingen/best.safetensors" in evaluated.stderr

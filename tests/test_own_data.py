@@ -323,6 +323,9 @@ def test_train_on_own_folder_and_predict_a_held_out_scene(prepared, scenes, tmp_
     scored = (truth != IGNORE) & ~edge
     accuracy = float((predicted[scored] == truth[scored]).mean())
     assert accuracy > 0.9, accuracy
+    # rsseg eval scores the user's dataset with the user's classes (its own spec file).
+    scores = rsseg.evaluate(result.bundle_path, data_dir=prepared, split="val")
+    assert scores.class_names == CLASSES and scores.pixels > 0 and scores.oa > 0.8
 
 
 def test_cli_prepare_own_data_and_its_one_line_errors(scenes, tmp_path):

@@ -29,8 +29,9 @@ _TTA_HELP = ("Test-time augmentation, GeoSeg's sets: flip = every combination of
               help="loveda: SCENES is a LoveDA data root; predict its official Test images into the "
                    "challenge server's submission (one PNG of classes 0..6 per image, same file name, "
                    "zipped without a folder).")
-@click.option("--model", "bundle", required=True, type=click.Path(path_type=Path),
-              help="Model bundle (.safetensors) from `rsseg train`.")
+@click.option("--model", "bundle", type=click.Path(path_type=Path),
+              help="Model bundle (.safetensors) from `rsseg train` [default: $RSSEG_MODEL, else the "
+                   "newest run under ./runs, else `rsseg models --set-default`].")
 @click.option("--tile", default=1024, show_default=True, help="Window size in model pixels.")
 @click.option("--overlap", default=256, show_default=True, help="Overlap between windows in model pixels.")
 @click.option("--batch-size", default=4, show_default=True, help="Windows per forward pass.")
@@ -57,30 +58,26 @@ _TTA_HELP = ("Test-time augmentation, GeoSeg's sets: flip = every combination of
 def predict(scenes, out, out_format, bundle, tile, overlap, batch_size, tta, device, raster, confidence,
             resample, rescale, band_list, min_area, simplify, overwrite, quiet) -> None:
     """Segment SCENES (GeoTIFFs of any size) into a class raster and/or polygons on their own grid."""
-    from rsseg.bundle import load_bundle
-
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if out_format == "loveda":
+        from rsseg.default_model import resolve_model
+
+        chosen = resolve_model(bundle)
+        if chosen.reason != "--model":
+            click.echo(f"model {chosen.path} ({chosen.reason})", err=True)
+        bundle = chosen.path
         _loveda_submission(scenes, out, bundle, batch_size, tta, device, raster, confidence,
                            overwrite, quiet)
         return
 
-    from rsseg.data.radiometry import parse_rescale
-    from rsseg.inference.predict import PredictOptions
-    from rsseg.inference.run import plan_outputs, predict_scenes
+    from rsseg.api import predict as run_prediction
 
-    # Cheap checks first: a wrong suffix, an existing output or an output that is an input is
-    # reported before the model loads.
-    rescale_mode = parse_rescale(rescale)
-    bands = _parse_bands(band_list)
-    plan_outputs(list(scenes), out, raster, confidence, overwrite, inputs=[bundle])
-    model, meta = load_bundle(bundle, device=device)
-    options = PredictOptions(tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, device=device,
-                             resample=resample, progress=not quiet, rescale=rescale_mode, bands=bands)
-    predict_scenes(list(scenes), out, model, meta, options=options, raster=raster,
-                   confidence=confidence, overwrite=overwrite, simplify=simplify, min_area=min_area,
-                   echo=lambda s: click.echo(s, err=True), inputs=[bundle])
+    run_prediction(list(scenes), out, bundle, raster=raster, confidence=confidence,
+                   overwrite=overwrite, simplify=simplify, min_area=min_area, rescale=rescale,
+                   bands=_parse_bands(band_list), tile=tile, overlap=overlap, batch_size=batch_size,
+                   tta=tta, device=device, resample=resample, progress=not quiet,
+                   echo=lambda s: click.echo(s, err=True))
 
 
 def _parse_bands(text: str | None) -> list[int] | None:
@@ -140,8 +137,8 @@ def vectorize(raster, out, classes_file, min_area, simplify, block_rows, overwri
 
 
 @click.command("eval")
-@click.option("--model", "bundle", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Model bundle (.safetensors) written by rsseg train.")
+@click.option("--model", "bundle", type=click.Path(dir_okay=False, path_type=Path),
+              help="Model bundle (.safetensors) written by rsseg train [default: as rsseg predict].")
 @click.option("--dataset", type=click.Choice(list_datasets()), help="[default: the bundle's dataset]")
 @click.option("--data", "data_dir", help="Prepared folder or raw data root [default: the default data place].")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]),
@@ -156,12 +153,14 @@ def vectorize(raster, out, classes_file, min_area, simplify, block_rows, overwri
 @click.option("--device", default="cpu", show_default=True)
 def eval_cmd(bundle, dataset, data_dir, split, tta, json_path, compare_paper, batch_size, device) -> None:
     """Per-class IoU/F1, mIoU, mF1 and OA of a bundle from one global confusion matrix."""
-    from rsseg.train.evaluate import evaluate, write_json
+    from rsseg.api import evaluate
+    from rsseg.train.evaluate import write_json
 
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    result = evaluate(bundle, dataset, data_dir, split, None if tta == "none" else tta,
-                      batch_size=batch_size, device=device, progress=True)
+    result = evaluate(bundle, dataset, data_dir=data_dir, split=split,
+                      tta=None if tta == "none" else tta, batch_size=batch_size, device=device,
+                      progress=True, echo=lambda s: click.echo(s, err=True))
     click.echo(result.format_table())
     if compare_paper:
         from dataclasses import asdict

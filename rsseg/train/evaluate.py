@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from rsseg.data.prepare import ensure_prepared, read_manifest, split_names_of
-from rsseg.data.specs import get_spec
+from rsseg.data.specs import SPEC_FILE, spec_for
 from rsseg.errors import DataError, UsageError
 from rsseg.train.metrics import confusion_matrix, convention_text, scores_from_confusion
 from rsseg.train.tta import MODEL_SIZE_MULTIPLE, Forward, TTAProtocol, predict_probs, tta_protocol
@@ -139,6 +139,8 @@ def _pct(value: float) -> str:
 
 
 def _data_for(meta: Any, dataset: str, data_dir: str | os.PathLike[str] | None) -> Path:
+    if data_dir is not None and (Path(data_dir) / SPEC_FILE).is_file():
+        return Path(data_dir)  # a folder prepared from the user's own data defines its dataset
     if data_dir is None and meta.dataset == dataset and meta.extra.get("data_dir"):
         recorded = Path(meta.extra["data_dir"])
         if (recorded / "manifest.json").is_file():
@@ -173,8 +175,8 @@ def evaluate(
     dataset = dataset or meta.dataset
     if dataset is None:
         raise UsageError("the bundle names no dataset; pass --dataset")
-    spec = get_spec(dataset)
     root = _data_for(meta, dataset, data_dir)
+    spec = spec_for(dataset, root)
     manifest = read_manifest(root)
     if list(manifest["classes"]) != list(meta.class_names):
         raise DataError(
