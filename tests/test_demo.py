@@ -43,7 +43,8 @@ def test_quick_demo_writes_qgis_ready_outputs(tmp_path):
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, last["state_dict"]["model." + key])
     preview = Image.open(out / "preview.png")
-    assert preview.size == (2 * 200 + 8, 96)
+    # scene | ground truth | prediction, and a legend of the six classes in two rows underneath.
+    assert preview.size == (3 * 200 + 2 * 8, 96 + 8 + 2 * 16)
     # Running it again into the same folder needs --overwrite.
     r = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "-q"])
     assert r.exit_code != 0 and "--overwrite" in r.output
@@ -87,3 +88,34 @@ def test_preview_puts_image_and_class_colours_side_by_side(tmp_path):
     assert png.shape == (20, 68, 3)
     assert (png[:, :30] == [200, 0, 0]).all()
     assert (png[:, 38:53] == [0, 0, 255]).all() and (png[:, 53:] == [255, 255, 0]).all()
+
+
+def test_preview_with_ground_truth_and_legend(tmp_path):
+    image = np.zeros((3, 20, 30), np.uint8)
+    classes = np.zeros((20, 30), np.uint8)
+    classes[:, 15:] = 1
+    truth = np.ones((20, 30), np.uint8)
+    colours = {0: (0, 0, 255, 255), 1: (255, 255, 0, 255)}
+    scene = _write(tmp_path / "s.tif", image)
+    cls = _write(tmp_path / "c.tif", classes, colours)
+    lab = _write(tmp_path / "l.tif", truth)
+    png = np.asarray(Image.open(write_preview(scene, cls, tmp_path / "p.png", labels=lab,
+                                              class_names=["water", "sand"])))
+    assert png.shape == (20 + 8 + 16, 3 * 30 + 2 * 8, 3)
+    assert (png[:20, 38:68] == [255, 255, 0]).all()  # ground truth: all class 1
+    assert (png[:20, 76:91] == [0, 0, 255]).all() and (png[:20, 91:106] == [255, 255, 0]).all()
+    legend = png[20:]
+    column = png.shape[1] // 3
+    swatch = legend[8 + 5, 4 + 5]
+    assert tuple(swatch) == (0, 0, 255)  # the first class's swatch in its colour
+    assert tuple(legend[8 + 5, column + 4 + 5]) == (255, 255, 0)
+    assert (legend[8:, 4 + 14 :column] < 128).any()  # its name is written beside it
+
+
+def test_progress_line_estimates_the_time_left_from_the_stage_shares():
+    from rsseg.inference.demo import STAGE_SHARES, progress_line
+
+    assert sum(STAGE_SHARES) == pytest.approx(1.0)
+    # Training (82 % of a demo) took 164 s: about 36 s are left.
+    assert progress_line(1, 164.0) == "elapsed 164 s, about 36 s left"
+    assert progress_line(4, 200.0) == "elapsed 200 s, about 0 s left"

@@ -81,23 +81,62 @@ def _scene_miou(pred_path: Path, label_path: Path, num_classes: int, mean_classe
     return scores_from_confusion(cm, mean_classes).miou
 
 
-def write_preview(scene: Path, classes: Path, out: Path, max_width: int = 1600) -> Path:
-    """PNG: the scene (first three bands) and the prediction in class colours, side by side."""
-    from PIL import Image
+GAP = 8  # pixels between the panels of the preview
+# Share of the demo's time each stage took on a 2-core CPU (training dominates); used only for the
+# progress line's estimate of the time left.
+STAGE_SHARES = (0.82, 0.06, 0.11, 0.01)
 
+
+def progress_line(stage: int, elapsed: float) -> str:
+    """``elapsed 190 s, about 40 s left`` once ``stage`` (1-based) stages have finished."""
+    done = sum(STAGE_SHARES[:stage])
+    left = elapsed * (1 - done) / done if done > 0 else 0.0
+    return f"elapsed {elapsed:.0f} s, about {left:.0f} s left"
+LEGEND_ROW = 16  # height of one legend row
+
+
+def write_preview(scene: Path, classes: Path, out: Path, max_width: int = 1600, *,
+                  labels: Path | None = None, class_names: list[str] | None = None) -> Path:
+    """PNG: the scene (first three bands), the ground truth (when ``labels`` is given) and the
+    prediction in class colours side by side; with ``class_names``, a legend underneath
+    (a colour swatch and the name of each class)."""
+    from PIL import Image, ImageDraw
+
+    panels = 3 if labels is not None else 2
     with rasterio.open(scene) as src, rasterio.open(classes) as cls:
-        scale = min(1.0, max_width / (2 * src.width))
+        scale = min(1.0, max_width / (panels * src.width))
         h, w = max(1, round(src.height * scale)), max(1, round(src.width * scale))
+        nearest = rasterio.enums.Resampling.nearest
         image = src.read([1, 2, 3], out_shape=(3, h, w), resampling=rasterio.enums.Resampling.average)
-        labels = cls.read(1, out_shape=(h, w), resampling=rasterio.enums.Resampling.nearest)
+        predicted = cls.read(1, out_shape=(h, w), resampling=nearest)
         cmap = cls.colormap(1)
     palette = np.zeros((256, 3), np.uint8)
     for k, rgba in cmap.items():
         palette[k] = rgba[:3]
-    canvas = np.zeros((h, 2 * w + 8, 3), np.uint8)
-    canvas[:, :w] = np.moveaxis(image, 0, -1)
-    canvas[:, w + 8 :] = palette[labels]
-    Image.fromarray(canvas).save(out)
+    maps = [predicted]
+    if labels is not None:
+        with rasterio.open(labels) as lab:
+            truth = lab.read(1, out_shape=(h, w), resampling=nearest)
+        truth[predicted == 255] = 255  # the scene's nodata is nodata in both panels
+        maps.insert(0, truth)
+    rows = 0 if not class_names else -(-len(class_names) // 3)
+    legend_height = rows * LEGEND_ROW + (GAP if rows else 0)
+    canvas = np.full((h + legend_height, panels * w + (panels - 1) * GAP, 3), 255, np.uint8)
+    canvas[:h] = 0
+    canvas[:h, :w] = np.moveaxis(image, 0, -1)
+    for i, classes_map in enumerate(maps, start=1):
+        left = i * (w + GAP)
+        canvas[:h, left : left + w] = palette[classes_map]
+    picture = Image.fromarray(canvas)
+    if class_names:
+        draw = ImageDraw.Draw(picture)
+        column = canvas.shape[1] // 3
+        for k, name in enumerate(class_names):
+            x, y = (k % 3) * column + 4, h + GAP + (k // 3) * LEGEND_ROW
+            draw.rectangle([x, y + 2, x + 10, y + 12], fill=tuple(int(c) for c in palette[k]),
+                           outline=(0, 0, 0))
+            draw.text((x + 14, y + 1), name, fill=(0, 0, 0))
+    picture.save(out)
     return out
 
 
@@ -154,11 +193,12 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult
     bundle = trained.bundle_path
     echo(f"      trained in {time.perf_counter() - start:.0f} s -> {bundle}")
 
-    echo("[2/4] evaluation on the held-out test tiles")
+    echo(f"[2/4] evaluation on the held-out test tiles ({progress_line(1, time.perf_counter() - start)})")
     result = evaluate(bundle, "synthetic", data_dir=trained.data_dir, split="test", progress=False)
     echo(result.format_table())
 
-    echo("[3/4] a held-out scene, predicted window by window")
+    echo(f"[3/4] a held-out scene, predicted window by window "
+         f"({progress_line(2, time.perf_counter() - start)})")
     scene = out / "scene.tif"
     labels = out / "scene_labels.tif"
     write_scene(scene, cfg.scene_height, cfg.scene_width, seed=cfg.seed + 1, tile=512,
@@ -172,8 +212,9 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult
     scene_miou = _scene_miou(classes, labels, spec.num_classes, spec.mean_class_indices)
     echo(f"      held-out scene mIoU {100 * scene_miou:.2f} (without clutter, ISPRS convention)")
 
-    echo("[4/4] preview")
-    preview = write_preview(scene, classes, out / "preview.png")
+    echo(f"[4/4] preview ({progress_line(3, time.perf_counter() - start)})")
+    preview = write_preview(scene, classes, out / "preview.png", labels=labels,
+                            class_names=list(spec.classes))
     seconds = time.perf_counter() - start
     echo(f"held-out test mIoU {100 * result.miou:.2f}, scene mIoU {100 * scene_miou:.2f}, "
          f"{seconds:.0f} s in all")
