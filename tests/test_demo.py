@@ -116,6 +116,6 @@ def test_progress_line_estimates_the_time_left_from_the_stage_shares():
     from rsseg.inference.demo import STAGE_SHARES, progress_line
 
     assert sum(STAGE_SHARES) == pytest.approx(1.0)
-    # Training (82 % of a demo) took 164 s: about 36 s are left.
-    assert progress_line(1, 164.0) == "elapsed 164 s, about 36 s left"
+    # Training (94 % of a demo) took 188 s: about 12 s are left.
+    assert progress_line(1, 188.0) == "elapsed 188 s, about 12 s left"
     assert progress_line(4, 200.0) == "elapsed 200 s, about 0 s left"
