@@ -17,6 +17,7 @@ For each model (names on the command line, any registered name) and each input s
     python benchmarks/models.py mafmamba mafmamba-tiny --sizes 256 512
     python benchmarks/models.py segret-t --cfg '{"drop_path": 0}'   # cfg goes to every model
     python benchmarks/models.py mafmamba --threads 1                  # on a busy shared machine
+    python benchmarks/models.py mafmamba --backends torch fused       # each scan backend, same run
 
 Extend by naming another registered model; nothing here is model-specific except the SS2D hook.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -141,12 +143,14 @@ def measure(name: str, size: int, repeats: int, cfg: dict, flops: bool) -> dict:
     return result
 
 
-def run_child(name: str, size: int, repeats: int, cfg: dict, flops: bool, threads: int) -> dict:
+def run_child(name: str, size: int, repeats: int, cfg: dict, flops: bool, threads: int,
+              backend: str | None = None) -> dict:
+    env = dict(os.environ, RSSEG_SCAN_BACKEND=backend) if backend else None  # the scan backend
     cmd = [sys.executable, __file__, "--child", name, "--sizes", str(size),
            "--repeats", str(repeats), "--cfg", json.dumps(cfg), "--threads", str(threads)]
     if not flops:
         cmd.append("--no-flops")
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"{name} at {size}: child failed\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -160,6 +164,8 @@ def main() -> None:
     parser.add_argument("--cfg", default="{}", help="JSON config passed to every benchmarked model")
     parser.add_argument("--no-flops", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--backends", nargs="+", default=[None],
+                        help="scan backends (RSSEG_SCAN_BACKEND) to run each model with, e.g. torch fused")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -170,17 +176,19 @@ def main() -> None:
         return
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, 6 classes, CPU")
-    header = (f"{'model':<16}{'size':>6}{'params M':>10}{'time s':>9}{'x base':>8}{'peak MiB':>10}"
+    header = (f"{'model':<22}{'size':>6}{'params M':>10}{'time s':>9}{'x base':>8}{'peak MiB':>10}"
               f"{'x base':>8}{'GMACs':>9}{'GFLOPs':>9}{'+scan GFLOPs':>14}")
     print(header)
     for size in args.sizes:
         threads = torch.get_num_threads()
         base = run_child(BASELINE, size, args.repeats, {}, not args.no_flops, threads)
         rows = [base] + [
-            run_child(m, size, args.repeats, cfg, not args.no_flops, threads) for m in args.models
+            dict(run_child(m, size, args.repeats, cfg, not args.no_flops, threads, backend),
+                 model=m if backend is None else f"{m}[{backend}]")
+            for m in args.models for backend in args.backends
         ]
         for r in rows:
-            line = (f"{r['model']:<16}{size:>6}{r['params'] / 1e6:>10.2f}{r['seconds']:>9.3f}"
+            line = (f"{r['model']:<22}{size:>6}{r['params'] / 1e6:>10.2f}{r['seconds']:>9.3f}"
                     f"{r['seconds'] / base['seconds']:>8.2f}{r['peak_bytes'] / 2**20:>10.0f}"
                     f"{r['peak_bytes'] / max(base['peak_bytes'], 1):>8.2f}")
             if "counted_flops" in r:

@@ -24,6 +24,8 @@ Then SS2D forward on a 256 x 256 x 64 map, batch 1 (target: under 4 GB peak on C
     python benchmarks/scan.py                 # full run on CPU (about 25 minutes, 17 of them the index loop)
     python benchmarks/scan.py --quick         # small shapes, a smoke run
     python benchmarks/scan.py --device cuda   # on a GPU machine, plus the kernel agreement check
+    python benchmarks/scan.py --fused-stages --threads 1   # fused (numba) vs torch scan only, at
+                                              # MAFMamba's SS2D stage shapes at 512 and 1024 px
     python benchmarks/scan.py --device cuda --backends-only   # backend times + Triton check only
 """
 
@@ -187,13 +189,25 @@ def memory_child(spec: str) -> None:
     cfg = json.loads(spec)
     torch.set_num_threads(cfg.get("threads", torch.get_num_threads()))
     if cfg["impl"] == "ss2d":
+        import os
+
+        if cfg.get("backend"):
+            os.environ[scan_module.ENV_VAR] = cfg["backend"]
         torch.manual_seed(0)
-        model = SS2D(cfg["channels"]).eval()
+        train = cfg.get("backward", False)
+        model = SS2D(cfg["channels"]).train(train)
         x = torch.randn(1, cfg["size"], cfg["size"], cfg["channels"])
+        if cfg.get("backend") == "fused":  # numba's kernels loaded (or compiled) outside the measurement
+            with torch.no_grad():
+                SS2D(cfg["channels"])(torch.randn(1, 8, 8, cfg["channels"]))
+            if train:
+                SS2D(cfg["channels"])(torch.randn(1, 8, 8, cfg["channels"])).sum().backward()
         base = _reset_peak_rss()
         start = time.perf_counter()
-        with torch.no_grad():
-            model(x)
+        with torch.set_grad_enabled(train):
+            y = model(x)
+            if train:
+                y.square().mean().backward()
         seconds = time.perf_counter() - start
     else:
         b, d, n = cfg["case"]
@@ -282,6 +296,38 @@ def triton_agreement(case: tuple, device: str = "cuda") -> bool:
     return ok_all
 
 
+def mafmamba_stage_cases(size: int) -> list[tuple[int, int, int, int]]:
+    """(batch, K*D channels, d_state, length) of MAFMamba's SS2D calls at ``size`` px: ResNet-18
+    widths 64..512 at strides 4..32, d_inner = 2 x width, four traversals, d_state 16."""
+    return [(1, 4 * 2 * width, 16, (size // stride) ** 2)
+            for width, stride in ((64, 4), (128, 8), (256, 16), (512, 32))]
+
+
+def fused_vs_torch(sizes: list[int], repeat: int) -> None:
+    """Fused CPU scan against the torch scan, fwd and fwd+bwd, same process and inputs."""
+    def backend_fn(name: str) -> Callable[[dict], torch.Tensor]:
+        return lambda inp: selective_scan(**inp, delta_softplus=True, backend=name)
+
+    print(f"{'size':>5} {'case':22s} {'mode':8s} {'torch ms':>10s} {'fused ms':>10s} {'speed-up':>9s}")
+    totals: dict[tuple[int, str], list[float]] = {}
+    for size in sizes:
+        for b, d, n, length in mafmamba_stage_cases(size):
+            inp = make_inputs(b, d, n, length, "cpu")
+            for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+                times = []
+                for name in ("torch", "fused"):
+                    run_once(backend_fn(name), inp, backward, "cpu")  # warm-up (and numba's compile)
+                    times.append(timed(backend_fn(name), inp, backward, "cpu", repeat))
+                tot = totals.setdefault((size, mode), [0.0, 0.0])
+                tot[0] += times[0]
+                tot[1] += times[1]
+                print(f"{size:5d} {f'b{b} KD{d} N{n} L{length}':22s} {mode:8s} {times[0] * 1e3:10.1f} "
+                      f"{times[1] * 1e3:10.1f} {times[0] / times[1]:9.2f}", flush=True)
+    for (size, mode), (t_torch, t_fused) in totals.items():
+        print(f"{size:5d} {'all four stages':22s} {mode:8s} {t_torch * 1e3:10.1f} {t_fused * 1e3:10.1f} "
+              f"{t_torch / t_fused:9.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -294,6 +340,9 @@ def main() -> None:
                         help="length at which the index loop is timed (0: per case, see CASES)")
     parser.add_argument("--backends-only", action="store_true",
                         help="with --device cuda: only the backend timings and the Triton check")
+    parser.add_argument("--fused-stages", action="store_true",
+                        help="only the fused-vs-torch comparison at MAFMamba's stage shapes")
+    parser.add_argument("--stage-sizes", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -301,6 +350,18 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.fused_stages:
+        print(f"torch {torch.__version__}, CPU, threads {torch.get_num_threads()}")
+        fused_vs_torch(args.stage_sizes, args.repeat)
+        for backend in ("torch", "fused"):  # a 256^2 SS2D training step's memory, fresh processes
+            spec = json.dumps({"impl": "ss2d", "channels": 64, "size": 256, "backward": True,
+                               "backend": backend, "threads": torch.get_num_threads()})
+            out = subprocess.run([sys.executable, __file__, "--memory-child", spec],
+                                 capture_output=True, text=True, check=True)
+            seconds, mib = out.stdout.strip().splitlines()[-1].split()
+            print(f"SS2D(64) fwd+bwd, batch 1, 256x256, scan backend {backend}: peak RSS growth "
+                  f"{float(mib):.0f} MiB, {float(seconds):.2f} s")
+        return
     device = args.device
     cases = QUICK_CASES if args.quick else CASES
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
