@@ -16,7 +16,6 @@ from rsseg.errors import UsageError
 from rsseg.models import count_parameters, create_model, parameter_count
 from rsseg.models.reload_mamba import (
     ABLATIONS,
-    DirectionSubsetMamba,
     ReloadLevel,
     boundary_mask,
     boundary_weighted_cross_entropy,
@@ -377,7 +376,7 @@ def test_direction_switch_keeps_k_of_four_scans_and_drops_attention_for_one() ->
 
 def test_direction_subset_scans_equal_the_same_directions_of_the_four_direction_block() -> None:
     torch.manual_seed(8)
-    subset = DirectionSubsetMamba(6, ("left", "up"), d_state=4)
+    subset = FourDirectionMamba(6, d_state=4, directions=("left", "up"))
     four = FourDirectionMamba(6, d_state=4)
     idx, di = subset.index, four.d_inner
     rows = torch.cat([torch.arange(i * di, (i + 1) * di) for i in idx])

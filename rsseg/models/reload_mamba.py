@@ -36,7 +36,7 @@ from rsseg.models.checkpoints import (
 )
 from rsseg.models.layers import ConvBNReLU, SeparableConvBNReLU
 from rsseg.models.registry import register_model
-from rsseg.models.ssm import DIRECTIONS, FourDirectionMamba, from_sequences, selective_scan, to_sequences
+from rsseg.models.ssm import DIRECTIONS, FourDirectionMamba
 
 # ConvNeXt-Tiny stage widths (Eq. 1) and the decoder widths that follow them (Eqs. 2-4).
 ENCODER_CHANNELS = (96, 192, 384, 768)
@@ -136,62 +136,6 @@ class UNetDecoder(nn.Module):
         return levels
 
 
-class DirectionSubsetMamba(FourDirectionMamba):
-    """Mamba scans for a subset of (right, left, down, up): (B, dim, H, W) -> (B, k, dim, H, W).
-
-    Table 8 varies the scan directions. The shared :class:`FourDirectionMamba` always runs four, so
-    this builds it and keeps the selected directions' weights (same initialisation, k/4 of the
-    parameters); the forward pass is that block's, with k traversals instead of four.
-    """
-
-    def __init__(self, dim: int, directions: tuple[str, ...], d_state: int = 16) -> None:
-        super().__init__(dim, d_state=d_state)
-        self.directions = directions
-        self.index = [DIRECTIONS.index(d) for d in directions]
-        idx = torch.tensor(self.index)
-        di = self.d_inner
-        rows = (idx[:, None] * di + torch.arange(di)).flatten()  # rows of the stacked per-channel weights
-        for name in ("in_proj_weight", "x_proj_weight", "dt_proj_weight", "dt_proj_bias", "out_proj_weight"):
-            setattr(self, name, nn.Parameter(getattr(self, name).data[idx].clone()))
-        for name in ("A_log", "D"):
-            kept = nn.Parameter(getattr(self, name).data[rows].clone())
-            kept._no_weight_decay = True  # type: ignore[attr-defined]  # as mamba_init marks them
-            setattr(self, name, kept)
-        conv = nn.Conv1d(len(rows), len(rows), self.d_conv, groups=len(rows), bias=self.conv1d.bias is not None)
-        conv.weight.data.copy_(self.conv1d.weight.data[rows])
-        if conv.bias is not None:
-            conv.bias.data.copy_(self.conv1d.bias.data[rows])
-        self.conv1d = conv
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        k, di, n, r = len(self.index), self.d_inner, self.d_state, self.dt_rank
-        length = h * w
-        seqs = to_sequences(x)[:, self.index]  # (B, k, dim, L)
-        xin, gate = torch.einsum("bkcl,kec->bkel", seqs, self.in_proj_weight).split(di, dim=2)
-        xin = F.silu(self.conv1d(F.pad(xin.reshape(b, k * di, length), (self.d_conv - 1, 0))))
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xin.view(b, k, di, length), self.x_proj_weight)
-        dts, bs, cs = torch.split(x_dbl, [r, n, n], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_proj_weight)
-        sdt = torch.promote_types(xin.dtype, torch.float32)
-        y = selective_scan(
-            xin.to(sdt),
-            dts.to(sdt).reshape(b, k * di, length),
-            -torch.exp(self.A_log.to(sdt)),
-            bs.to(sdt).contiguous(),
-            cs.to(sdt).contiguous(),
-            self.D.to(sdt),
-            z=gate.to(sdt).reshape(b, k * di, length),
-            delta_bias=self.dt_proj_bias.to(sdt).reshape(-1),
-            delta_softplus=True,
-        )
-        out = torch.einsum("bkdl,kcd->bkcl", y.view(b, k, di, length).to(xin.dtype), self.out_proj_weight)
-        # Put each traversal back on the pixel grid: fill the four-direction layout, keep ours.
-        full = out.new_zeros(b, len(DIRECTIONS), *out.shape[2:])
-        full[:, self.index] = out
-        return from_sequences(full, h, w)[:, self.index]
-
-
 class ReloadLevel(nn.Module):
     """One level of the hierarchical Reload-Mamba module (Sections 3.3-3.5).
 
@@ -242,11 +186,8 @@ class ReloadLevel(nn.Module):
         # Eqs. (11)-(12): separately parameterised Mamba blocks, one per direction, each a pre-norm
         # residual block around its mixer as in Gu & Dao (2023).
         self.scan_norm = nn.LayerNorm(width)
-        self.scans = (
-            FourDirectionMamba(width, d_state=d_state)
-            if tuple(directions) == DIRECTIONS
-            else DirectionSubsetMamba(width, tuple(directions), d_state=d_state)
-        )
+        # Table 8 varies the scan directions: a subset keeps k/4 of the block's parameters.
+        self.scans = FourDirectionMamba(width, d_state=d_state, directions=tuple(directions))
         # Eqs. (13)-(14): pixel-wise directional attention. A conv over the concatenated directional
         # outputs (3x3 to ``width``, then 1x1 to one logit per direction and channel), softmax over
         # the directions. One direction needs no attention.

@@ -22,9 +22,8 @@ from rsseg.models.ssm.ss2d import linear_init_, resolve_dt_rank
 
 
 class FourDirectionMamba(nn.Module):
-    """(B, dim, H, W) -> (B, 4, dim, H, W): Mamba outputs for (right, left, down, up)."""
-
-    directions = DIRECTIONS
+    """(B, dim, H, W) -> (B, k, dim, H, W): Mamba outputs for (right, left, down, up), or for the
+    subset given as ``directions`` (Reload-Mamba's Table 8), in that order."""
 
     def __init__(
         self,
@@ -34,16 +33,22 @@ class FourDirectionMamba(nn.Module):
         d_conv: int = 4,
         dt_rank: int | str = "auto",
         conv_bias: bool = True,
+        directions: tuple[str, ...] = DIRECTIONS,
     ) -> None:
         super().__init__()
-        k = len(DIRECTIONS)
+        unknown = [d for d in directions if d not in DIRECTIONS]
+        if unknown or not directions or len(set(directions)) != len(directions):
+            raise ValueError(f"directions must be distinct names from {DIRECTIONS}, got {directions}")
+        self.directions = tuple(directions)
+        self.index = [DIRECTIONS.index(d) for d in self.directions]
+        k = len(self.directions)
         self.dim = dim
         self.d_state = d_state
         self.d_inner = di = int(expand * dim)
         self.dt_rank = r = resolve_dt_rank(dt_rank, dim)
         self.d_conv = d_conv
         n = d_state
-        # Stacked per-direction weights: index 0..3 follows DIRECTIONS.
+        # Stacked per-direction weights, in the order of self.directions.
         self.in_proj_weight = nn.Parameter(torch.empty(k, 2 * di, dim))
         self.conv1d = nn.Conv1d(k * di, k * di, d_conv, groups=k * di, bias=conv_bias)
         self.x_proj_weight = nn.Parameter(torch.empty(k, r + 2 * n, di))
@@ -59,9 +64,9 @@ class FourDirectionMamba(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape
-        k, di, n, r = len(DIRECTIONS), self.d_inner, self.d_state, self.dt_rank
+        k, di, n, r = len(self.index), self.d_inner, self.d_state, self.dt_rank
         length = h * w
-        seqs = to_sequences(x)  # (B, 4, dim, L)
+        seqs = to_sequences(x)[:, self.index]  # (B, k, dim, L)
         xin, gate = torch.einsum("bkcl,kec->bkel", seqs, self.in_proj_weight).split(di, dim=2)
         # Causal depthwise conv along each traversal: pad on the left only.
         xin = F.silu(self.conv1d(F.pad(xin.reshape(b, k * di, length), (self.d_conv - 1, 0))))
@@ -81,4 +86,9 @@ class FourDirectionMamba(nn.Module):
             delta_softplus=True,
         )
         out = torch.einsum("bkdl,kcd->bkcl", y.view(b, k, di, length).to(xin.dtype), self.out_proj_weight)
-        return from_sequences(out, h, w)
+        if self.index == list(range(len(DIRECTIONS))):
+            return from_sequences(out, h, w)
+        # Put each traversal back on the pixel grid: fill the four-direction layout, keep ours.
+        full = out.new_zeros(b, len(DIRECTIONS), *out.shape[2:])
+        full[:, self.index] = out
+        return from_sequences(full, h, w)[:, self.index]
