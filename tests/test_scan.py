@@ -232,8 +232,14 @@ def test_backend_selection_and_cuda_refusal(monkeypatch):
     with pytest.raises(UsageError, match="auto, torch, cuda"):
         selective_scan(**inp)
     monkeypatch.delenv("RSSEG_SCAN_BACKEND")
-    # auto on CPU tensors is the torch scan, with no attempt to import mamba-ssm.
-    assert scan_module.resolve_backend(None, inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"]) == "torch"
+    # auto on CPU tensors is the fused numba scan where numba imports, else the torch scan; never
+    # an attempt to import mamba-ssm.
+    import importlib.util
+
+    expected = "fused" if importlib.util.find_spec("numba") is not None else "torch"
+    assert scan_module.resolve_backend(None, inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"]) == expected
+    double = {k: v.double() for k, v in inp.items() if k in ("u", "delta", "A", "B", "C")}
+    assert scan_module.resolve_backend(None, **double) == "torch"  # float64 stays on the reference
 
 
 def test_import_works_without_mamba_ssm():
