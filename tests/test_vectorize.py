@@ -284,3 +284,22 @@ def test_vector_style_beside_a_class_raster_of_the_same_name_warns(tmp_path):
     with pytest.warns(UserWarning, match="lc.qml held the QGIS style of a class raster"):
         write_vectors(gdf, tmp_path / "lc.fgb", class_info_from_raster(path))
     assert "categorizedSymbol" in (tmp_path / "lc.qml").read_text()
+
+
+def test_an_ungeoreferenced_class_raster_gives_polygons_where_qgis_draws_it(tmp_path):
+    """No CRS, no geotransform: QGIS draws pixel (col, row) at (col, -row); so do the polygons."""
+    import warnings as _warnings
+
+    from rsseg.inference.vectorize import vectorize_raster
+
+    classes = np.zeros((12, 20), np.uint8)
+    classes[:4, :5] = 1  # the top-left block
+    path = tmp_path / "plain.tif"
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore")
+        with rasterio.open(path, "w", driver="GTiff", height=12, width=20, count=1, dtype="uint8") as dst:
+            dst.write(classes, 1)
+        gdf = vectorize_raster(path, simplify=0)
+    block = gdf[gdf.class_id == 1].geometry.union_all()
+    assert block.bounds == (0.0, -4.0, 5.0, 0.0)
+    assert gdf.geometry.union_all().bounds == (0.0, -12.0, 20.0, 0.0)

@@ -248,8 +248,12 @@ def vectorize_raster(
     """
     path = Path(path)
     info = classes or class_info_from_raster(path)
+    from rsseg.inference.predict import output_transform
+
     with _open_class_raster(path) as ds:
-        transform, crs = ds.transform, ds.crs
+        # A raster with no georeferencing at all is drawn by QGIS at (col, -row): the polygons
+        # take that transform too, so they lie on the raster (predict writes it explicitly).
+        transform, crs = output_transform(ds), ds.crs
     polygons, class_ids = polygonize_pixels(path, block_rows=block_rows, progress=progress)
     geoms = np.asarray(polygons, dtype=object)
     pixel = (abs(transform.a) + abs(transform.e)) / 2
