@@ -88,3 +88,18 @@ def test_train_model_flag_drops_the_presets_model_options(monkeypatch) -> None:
     assert seen[0].model == "segret-t" and seen[0].model_cfg == {}
     result = _run("train", "--config", "cpu-tiny")
     assert seen[1].model_cfg == load_config("cpu-tiny").model_cfg
+
+
+def test_every_option_of_every_command_has_help_text() -> None:
+    import click
+
+    from rsseg.cli import main
+
+    ctx = click.Context(main)
+    missing = [
+        f"{name} {param.opts[0]}"
+        for name in main.list_commands(ctx)
+        for param in main.get_command(ctx, name).params
+        if isinstance(param, click.Option) and not param.help and not param.hidden
+    ]
+    assert missing == []

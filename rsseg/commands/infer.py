@@ -149,8 +149,8 @@ def vectorize(raster, out, classes_file, min_area, simplify, block_rows, overwri
               help="Write scores and the protocol (TTA views/scales, metric convention, split) as JSON.")
 @click.option("--compare-paper", is_flag=True,
               help="Print the paper's published figure for this model and dataset beside ours.")
-@click.option("--batch-size", default=1, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", default=1, show_default=True, help="Patches per forward pass.")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")
 def eval_cmd(bundle, dataset, data_dir, split, tta, json_path, compare_paper, batch_size, device) -> None:
     """Per-class IoU/F1, mIoU, mF1 and OA of a bundle from one global confusion matrix."""
     from rsseg.api import evaluate
