@@ -1,8 +1,8 @@
-"""Typed training configuration, read from YAML files under ``rsseg/configs``.
+"""Typed training configuration, read from YAML presets in the top-level ``configs/`` folder.
 
 A config file holds the keys of :class:`TrainConfig` (unknown keys are refused, so a typo never
 passes silently); ``augment`` is a nested mapping of :class:`AugmentConfig` keys. ``load_config``
-takes a file path or the name of a packaged preset (``rsseg/configs/<name>.yaml``).
+takes a file path or the name of a packaged preset (``configs/<name>.yaml``).
 """
 
 from __future__ import annotations

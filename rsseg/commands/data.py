@@ -97,7 +97,7 @@ def prepare(dataset, data_root, images, labels, label_field, classes_file, ignor
 @click.command()
 @click.option("--dataset", type=click.Choice(list_datasets()), help="Dataset [default: vaihingen or the config's].")
 @click.option("--model", help="Registered model name (rsseg models) [default: the config's, else unet-r18].")
-@click.option("--config", "config_path", help="YAML config file or preset name (see rsseg/configs).")
+@click.option("--config", "config_path", help="YAML config file or preset name (rsseg configs lists them).")
 @click.option("--data", "data_dir", help="Prepared folder or raw data root [default: the default data place].")
 @click.option("--bands", help="Band set (Potsdam: rgb, irrg, rgbir).")
 @click.option("--epochs", type=int, help="Training epochs [default: the config's, 80].")
