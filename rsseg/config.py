@@ -53,6 +53,12 @@ class TrainConfig:
     # A prepared folder (output of ``rsseg prepare``). None: the default data place
     # ($RSSEG_DATA/<dataset> or ~/.cache/rsseg/data/<dataset>), prepared on first use.
     data_dir: str | None = None
+    # Train straight from scenes (no patch folder): images glob, label file, its class field and
+    # an optional classes file, as for ``rsseg prepare --images`` (rsseg.data.scene_sampling).
+    images: str | None = None
+    labels: str | None = None
+    label_field: str | None = None
+    classes_file: str | None = None
     # Band set name of the dataset spec (e.g. "rgb", "irrg", "rgbir" for Potsdam); None = default.
     bands: str | None = None
     patch_size: int = 1024  # size of prepared patches

@@ -347,3 +347,134 @@ def test_cli_prepare_own_data_and_its_one_line_errors(scenes, tmp_path):
     assert "Traceback" not in result.output and not (tmp_path / "bad").exists()
     result = runner.invoke(main, ["prepare", "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--dataset NAME" in result.output
+
+
+# ----------------------------------------------------------------------------- straight from scenes
+
+
+def _scene_data(scenes, **kw):
+    from rsseg.data.scene_sampling import scene_data
+
+    args = dict(label_field="landcover", patch=PATCH, block=64, val_fraction=0.25, seed=3)
+    args.update(kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        return scene_data(str(scenes["root"] / "images" / "*.tif"), scenes["root"] / "labels.gpkg", **args)
+
+
+def test_scene_windows_use_torchgeo_and_match_own_rasterization(scenes, monkeypatch):
+    import torchgeo.datasets
+    import torchgeo.samplers
+
+    from rsseg.data import scene_sampling
+    from rsseg.data.own import VectorLabels
+
+    assert scene_sampling.RandomGeoSampler is torchgeo.samplers.RandomGeoSampler
+    assert scene_sampling.GridGeoSampler is torchgeo.samplers.GridGeoSampler
+    assert issubclass(scene_sampling.SceneRaster, torchgeo.datasets.RasterDataset)
+    calls = {"random": 0, "grid": 0, "read": 0}
+    for cls, key in ((torchgeo.samplers.RandomGeoSampler, "random"), (torchgeo.samplers.GridGeoSampler, "grid")):
+        original = cls.__iter__
+
+        def counted(self, _original=original, _key=key):
+            calls[_key] += 1
+            return _original(self)
+
+        monkeypatch.setattr(cls, "__iter__", counted)
+    original_get = torchgeo.datasets.RasterDataset.__getitem__
+
+    def counted_get(self, query):
+        calls["read"] += 1
+        return original_get(self, query)
+
+    monkeypatch.setattr(torchgeo.datasets.RasterDataset, "__getitem__", counted_get)
+    data = _scene_data(scenes)
+    assert calls["random"] > 0 and calls["grid"] > 0 and calls["read"] > 0
+
+    # Sampled training windows: image = the file's pixels (nothing resampled), label = own.py's
+    # rasterization of the whole scene cut to the window, and the independent truth off edges.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        labels = VectorLabels([scenes["root"] / "labels.gpkg"], "landcover", None)
+    assert len(data.train) > 0
+    offsets = set()
+    for i in range(0, len(data.train), 5):
+        item = data.train.windows[i]
+        scene, win = item.block.scene, item.window
+        offsets.add((int(win.col_off) % 16, int(win.row_off) % 16))
+        image, label = data.train.read(i)
+        assert label.shape == (PATCH, PATCH) and image.shape == (4, PATCH, PATCH)
+        full = labels.burn(rasterio.windows.Window(0, 0, scene.width, scene.height), scene)
+        rows = slice(int(win.row_off), int(win.row_off) + PATCH)
+        cols = slice(int(win.col_off), int(win.col_off) + PATCH)
+        np.testing.assert_array_equal(label, full[rows, cols])
+        with rasterio.open(scene.path) as src:
+            np.testing.assert_array_equal(image, src.read(window=win).astype(np.float32))
+        truth, edge = scenes["truth"][scene.path.stem[-1]]
+        sure = ~edge[rows, cols]
+        np.testing.assert_array_equal(label[sure], truth[rows, cols][sure])
+    assert len(offsets) > 1  # random boxes, not a fixed patch grid
+    sample = data.train[0]
+    assert sample["image"].dtype.is_floating_point and sample["mask"].max() <= IGNORE
+
+
+def test_scene_validation_windows_lie_only_in_validation_blocks(scenes, tmp_path):
+    import shapely
+    from rasterio.windows import bounds as window_bounds
+
+    data = _scene_data(scenes)
+    # The same block split as prepare_own with the same settings.
+    prepared = _prepare(scenes, tmp_path / "same")
+    manifest = read_manifest(prepared)
+    val_blocks = {w.block.block_id for w in data.val.windows}
+    assert val_blocks == set(manifest["splits"]["val"]) and val_blocks
+    assert {w.block.block_id for w in data.train.windows} <= set(manifest["splits"]["train"])
+
+    def footprint(w):
+        return _to_crs(shapely.box(*window_bounds(w.window, w.block.scene.transform)),
+                       w.block.scene.crs.to_string(), "EPSG:32633")
+
+    for w in data.val.windows:
+        b = w.block
+        assert b.split == "val"
+        assert b.window.col_off <= w.window.col_off and w.window.col_off + w.window.width <= \
+            b.window.col_off + b.window.width
+        assert b.window.row_off <= w.window.row_off and w.window.row_off + w.window.height <= \
+            b.window.row_off + b.window.height
+    val_area = shapely.union_all([footprint(w) for w in data.val.windows])
+    for w in data.train.windows:
+        assert w.block.split == "train"
+        assert footprint(w).intersection(val_area).area < 1e-6
+
+
+def test_train_straight_from_scenes_without_a_patch_folder(scenes, tmp_path, tiny_model):
+    from click.testing import CliRunner
+
+    from rsseg.bundle import read_bundle_meta
+    from rsseg.cli import main
+
+    before = sorted(p for p in scenes["root"].rglob("*") if "prepared" not in p.parts)
+    classes = tmp_path / "classes.yaml"
+    classes.write_text(yaml.safe_dump([{"name": "Water", "value": "water", "color": "#0000ff"},
+                                       {"name": "Field", "value": "field"},
+                                       {"name": "Forest", "value": "forest"}]))
+    runner = CliRunner()
+    result = runner.invoke(main, [
+        "train", "--images", str(scenes["root"] / "images" / "*.tif"), "--labels",
+        str(scenes["root"] / "labels.gpkg"), "--label-field", "landcover", "--classes", str(classes),
+        "--model", tiny_model, "--max-steps", "3", "--epochs", "1", "--batch-size", "4",
+        "--crop-size", str(PATCH), "--patch-size", str(PATCH), "--workers", "0", "--no-pretrained",
+        "-o", str(tmp_path / "runs"), "--set", "augment.mosaic_p=0", "--set", "progress=false"])
+    assert result.exit_code == 0, result.output
+    bundles = list((tmp_path / "runs").rglob("best.safetensors"))
+    assert len(bundles) == 1
+    meta = read_bundle_meta(bundles[0])
+    assert meta.class_names == ["Water", "Field", "Forest"] and meta.ignore_index == 3
+    assert meta.class_colors[0] == [0, 0, 255]
+    assert meta.bands == [1, 2, 3, 4] and len(meta.band_names) == 4 and len(meta.mean) == 4
+    assert meta.source_dtype == "uint16" and meta.source_band_count == 4 and meta.band_stats
+    assert 300 < min(meta.mean) and max(meta.mean) < 4096
+    # Nothing was written next to the scenes: no patch folder, no manifest.
+    after = sorted(p for p in scenes["root"].rglob("*") if "prepared" not in p.parts)
+    assert after == before
+    assert not list((tmp_path / "runs").rglob("manifest.json"))

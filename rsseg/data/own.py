@@ -526,6 +526,66 @@ def _temporary_folder(out: Path) -> Path:
     return tmp
 
 
+def open_labels(labels: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], label_field: str | None,
+                classes: str | os.PathLike[str] | None, ignore_value: Any = None,
+                ) -> tuple[list[Path], VectorLabels | RasterLabels]:
+    """The label files and their source (vector layers or class rasters) with its class table."""
+    label_paths = expand_inputs(labels, "--labels")
+    table = read_classes_file(classes) if classes else None
+    kinds = {is_vector(p) for p in label_paths}
+    if len(kinds) > 1:
+        raise UsageError("--labels mixes vector layers and rasters; give one kind")
+    source: VectorLabels | RasterLabels
+    if kinds.pop():
+        source = VectorLabels(label_paths, label_field, table, ignore_value)
+    else:
+        source = RasterLabels(label_paths, table, ignore_value)
+    return label_paths, source
+
+
+def labelled_scenes(scenes: list[Scene], source: VectorLabels | RasterLabels,
+                    label_paths: Sequence[Path]) -> list[Scene]:
+    """The scenes the labels overlap (footprints compared in each scene's CRS)."""
+    other_crs = [s for s in scenes if s.crs != source.crs]
+    if other_crs:
+        _warn(f"labels are in {source.crs.to_string()}, {len(other_crs)} image(s) in another CRS "
+              f"(e.g. {other_crs[0].crs.to_string()}); labels are reprojected to each image's grid")
+    labelled = [s for s in scenes if source.extent(s.crs).intersects(shapely.box(*s.bounds))]
+    if not labelled:
+        raise DataError(f"the labels ({label_paths[0].name}) do not overlap any image "
+                        f"({len(scenes)} image(s), e.g. {scenes[0].path.name})")
+    if len(labelled) < len(scenes):
+        _warn(f"{len(scenes) - len(labelled)} image(s) have no labels and are skipped "
+              f"(e.g. {next(s for s in scenes if s not in labelled).path.name})")
+    return labelled
+
+
+def split_blocks(labelled: list[Scene], scene_labels: Any, table: ClassTable, block: int,
+                 val_fraction: float, seed: int, crs: CRS) -> list[_Block]:
+    """Blocks (``block`` pixels) with labelled pixels, a seeded whole-block draw for validation,
+    and training blocks over validation ground of another scene left out (see the module doc)."""
+    blocks: list[_Block] = []
+    for scene in labelled:
+        for r0 in range(0, scene.height, block):
+            for c0 in range(0, scene.width, block):
+                window = Window(c0, r0, min(block, scene.width - c0), min(block, scene.height - r0))
+                lab = scene_labels(scene, window)
+                ids, counts = np.unique(lab[lab != table.ignore_index], return_counts=True)
+                if len(ids):
+                    blocks.append(_Block(scene, window, f"{scene.scene_id}_b{r0}_{c0}",
+                                         class_pixels=Counter(dict(zip(ids.tolist(), counts.tolist())))))
+    if not blocks:
+        raise DataError("no labelled pixels inside the images (check --labels, --ignore-value and --aoi)")
+    order = sorted(range(len(blocks)), key=lambda i: blocks[i].block_id)
+    n_val = min(len(blocks) - 1, max(1, round(len(blocks) * val_fraction))) if val_fraction > 0 else 0
+    for i in random.Random(seed).sample(order, n_val):
+        blocks[i].split = "val"
+    if n_val == 0:
+        _warn("fewer than two labelled blocks: no validation split; the last checkpoint is kept")
+    _drop_train_overlapping_val(blocks, crs)
+    return [b for b in blocks if b.split != "dropped"]
+
+
 def prepare_own(
     images: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     labels: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
@@ -562,31 +622,10 @@ def prepare_own(
     out = Path(out_dir).expanduser()
 
     scenes = read_scenes(expand_inputs(images, "--images", RASTER_SUFFIXES))
-    label_paths = expand_inputs(labels, "--labels")
-    table = read_classes_file(classes) if classes else None
-    kinds = {is_vector(p) for p in label_paths}
-    if len(kinds) > 1:
-        raise UsageError("--labels mixes vector layers and rasters; give one kind")
-    source: VectorLabels | RasterLabels
-    if kinds.pop():
-        source = VectorLabels(label_paths, label_field, table, ignore_value)
-    else:
-        source = RasterLabels(label_paths, table, ignore_value)
+    label_paths, source = open_labels(labels, label_field, classes, ignore_value)
     table = source.table
     aoi_series = _read_aoi(Path(aoi)) if aoi else None
-
-    # Which scenes have labels at all (footprints compared in each scene's CRS).
-    other_crs = [s for s in scenes if s.crs != source.crs]
-    if other_crs:
-        _warn(f"labels are in {source.crs.to_string()}, {len(other_crs)} image(s) in another CRS "
-              f"(e.g. {other_crs[0].crs.to_string()}); labels are reprojected to each image's grid")
-    labelled = [s for s in scenes if source.extent(s.crs).intersects(shapely.box(*s.bounds))]
-    if not labelled:
-        raise DataError(f"the labels ({label_paths[0].name}) do not overlap any image "
-                        f"({len(scenes)} image(s), e.g. {scenes[0].path.name})")
-    if len(labelled) < len(scenes):
-        _warn(f"{len(scenes) - len(labelled)} image(s) have no labels and are skipped "
-              f"(e.g. {next(s for s in scenes if s not in labelled).path.name})")
+    labelled = labelled_scenes(scenes, source, label_paths)
 
     def scene_labels(scene: Scene, window: Window) -> np.ndarray:
         lab = source.burn(window, scene)
@@ -597,28 +636,7 @@ def prepare_own(
             lab[~inside] = table.ignore_index
         return lab
 
-    # Blocks with labelled pixels; the split is drawn over them.
-    blocks: list[_Block] = []
-    for scene in labelled:
-        for r0 in range(0, scene.height, block):
-            for c0 in range(0, scene.width, block):
-                window = Window(c0, r0, min(block, scene.width - c0), min(block, scene.height - r0))
-                lab = scene_labels(scene, window)
-                ids, counts = np.unique(lab[lab != table.ignore_index], return_counts=True)
-                if len(ids):
-                    blocks.append(_Block(scene, window, f"{scene.scene_id}_b{r0}_{c0}",
-                                         class_pixels=Counter(dict(zip(ids.tolist(), counts.tolist())))))
-    if not blocks:
-        raise DataError("no labelled pixels inside the images (check --labels, --ignore-value and --aoi)")
-    order = sorted(range(len(blocks)), key=lambda i: blocks[i].block_id)
-    n_val = min(len(blocks) - 1, max(1, round(len(blocks) * val_fraction))) if val_fraction > 0 else 0
-    for i in random.Random(seed).sample(order, n_val):
-        blocks[i].split = "val"
-    if n_val == 0:
-        _warn("fewer than two labelled blocks: no validation split; the last checkpoint is kept")
-    _drop_train_overlapping_val(blocks, scenes[0].crs)
-    blocks = [b for b in blocks if b.split != "dropped"]
-
+    blocks = split_blocks(labelled, scene_labels, table, block, val_fraction, seed, scenes[0].crs)
     totals = Counter()
     for b in blocks:
         totals.update(b.class_pixels)

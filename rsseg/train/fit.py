@@ -247,19 +247,31 @@ def train(cfg: TrainConfig) -> TrainResult:
                 + (" (raised to the head's)" if cfg.backbone_lr == "auto" else "")
             )
     # A folder prepared from the user's own data defines its dataset (classes, bands) itself.
-    spec = spec_for(cfg.dataset, cfg.data_dir)
+    scenes = None
+    if cfg.images:  # straight from the user's scenes: windows sampled on the fly with torchgeo
+        from rsseg.data.scene_sampling import scene_data, spec_from_dict
+
+        if not cfg.labels:
+            raise UsageError("--images needs --labels FILE (and --label-field NAME for vector labels)")
+        scenes = scene_data(cfg.images, cfg.labels, label_field=cfg.label_field, classes=cfg.classes_file,
+                            patch=cfg.patch_size, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                            augment=cfg.augment, crop_size=cfg.crop_size)
+    spec = spec_from_dict(scenes.spec) if scenes else spec_for(cfg.dataset, cfg.data_dir)
     if spec.name != cfg.dataset:
         cfg = cfg.replace(dataset=spec.name)
     run_dir = _run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[_RUN_DIR_ENV] = str(run_dir)
     try:
-        data_dir = resolve_data(cfg, run_dir)
-        manifest = read_manifest(data_dir)
+        data_dir = scenes.root if scenes else resolve_data(cfg, run_dir)
+        manifest = scenes.manifest if scenes else read_manifest(data_dir)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-        train_ds = PatchDataset(data_dir, "train", augment=cfg.augment, crop_size=cfg.crop_size)
-        val_ds = PatchDataset(data_dir, "val")
+        if scenes:
+            train_ds, val_ds = scenes.train, scenes.val
+        else:
+            train_ds = PatchDataset(data_dir, "train", augment=cfg.augment, crop_size=cfg.crop_size)
+            val_ds = PatchDataset(data_dir, "val")
         if len(train_ds) == 0:
             raise DataError(f"{data_dir}: no training patches")
         in_channels = len(manifest["band_indexes"])
