@@ -414,6 +414,16 @@ def test_scene_windows_use_torchgeo_and_match_own_rasterization(scenes, monkeypa
         sure = ~edge[rows, cols]
         np.testing.assert_array_equal(label[sure], truth[rows, cols][sure])
     assert len(offsets) > 1  # random boxes, not a fixed patch grid
+    # Every training sample is a fresh box inside the same training block.
+    redrawn = [data.train.window_of(0) for _ in range(8)]
+    assert all(w.block is data.train.windows[0].block for w in redrawn)
+    assert len({(int(w.window.col_off), int(w.window.row_off)) for w in redrawn}) > 1
+    item = redrawn[0]
+    image, label = data.train.read(0, item)
+    full = labels.burn(rasterio.windows.Window(0, 0, item.block.scene.width, item.block.scene.height),
+                       item.block.scene)
+    np.testing.assert_array_equal(label, full[int(item.window.row_off):int(item.window.row_off) + PATCH,
+                                              int(item.window.col_off):int(item.window.col_off) + PATCH])
     sample = data.train[0]
     assert sample["image"].dtype.is_floating_point and sample["mask"].max() <= IGNORE
 

@@ -5,7 +5,8 @@ classes, block split and dataset spec as ``rsseg prepare --images`` (:mod:`rsseg
 whose functions are reused), but nothing is written: each scene is a torchgeo
 :class:`~torchgeo.datasets.RasterDataset` configured with the scene's own CRS and resolution (so
 nothing is resampled), torchgeo's :class:`~torchgeo.samplers.RandomGeoSampler` draws training
-boxes inside each training block and :class:`~torchgeo.samplers.GridGeoSampler` tiles each
+boxes inside each training block (a fresh box for every training sample; the boxes drawn at
+construction, seeded, give the epoch length and the mean/std sample) and :class:`~torchgeo.samplers.GridGeoSampler` tiles each
 validation block. Every box is snapped to the scene's pixel grid, the image window is read by
 the torchgeo dataset, and the label of that window is rasterized by own.py's label source on the
 same grid (unlabelled and pixels without image data = ignore).
@@ -89,6 +90,7 @@ class SceneWindows(Dataset):
                  table: ClassTable, patch: int, augment: Any = None, crop_size: int | None = None) -> None:
         self.windows = windows
         self.patch = patch
+        self.samplers: dict[str, RandomGeoSampler] = {}  # per training block, to redraw windows
         self.rasters = rasters
         self.source = source
         self.table = table
@@ -99,6 +101,17 @@ class SceneWindows(Dataset):
     def __len__(self) -> int:
         return len(self.windows)
 
+    def window_of(self, index: int) -> SceneWindow:
+        """Training: a fresh box from the block's RandomGeoSampler on every call (torch's global
+        generator, seeded per worker and epoch by the loader); validation: the fixed grid window."""
+        item = self.windows[index]
+        sampler = self.samplers.get(item.block.block_id)
+        if sampler is None:
+            return item
+        box = next(iter(sampler))
+        size = int(item.window.width)
+        return SceneWindow(item.block, _window_in_block(item.block, _snap(item.block.scene, box, size)))
+
     def query(self, scene: Scene, window: Window) -> tuple[slice, slice, slice]:
         from rasterio.windows import bounds as window_bounds
 
@@ -106,9 +119,10 @@ class SceneWindows(Dataset):
         res = self.rasters[scene.scene_id].res
         return (slice(x0, x1, res[0]), slice(y0, y1, res[1]), slice(None, None))
 
-    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image in source units, float32 (C, H, W); uint8 label (H, W))."""
-        item = self.windows[index]
+    def read(self, index: int, item: SceneWindow | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(image in source units, float32 (C, H, W); uint8 label (H, W)) of ``item``, default
+        the ``index``-th window drawn at construction."""
+        item = item or self.windows[index]
         scene, window = item.block.scene, item.window
         raster = self.rasters[scene.scene_id]
         sample = raster[self.query(scene, window)]
@@ -125,7 +139,7 @@ class SceneWindows(Dataset):
                 _pad(label, self.patch, self.ignore_index))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        image, label = self.read(index)
+        image, label = self.read(index, self.window_of(index))
         image_t, mask_t = torch.from_numpy(image), torch.from_numpy(label)
         if self.augment is not None:
             return dict(zip(("image", "mask"), train_transform(image_t, mask_t, self.augment,
@@ -183,6 +197,11 @@ def scene_data(images: Any, labels: Any, *, label_field: str | None, classes: An
         for box in boxes:
             target.append(SceneWindow(b, _window_in_block(b, _snap(b.scene, box, size))))
     train_ds = SceneWindows(train_windows, rasters, source, table, patch, augment, crop_size)
+    for b in blocks:
+        if b.split == "train":
+            size = min(patch, int(b.window.width), int(b.window.height))
+            train_ds.samplers[b.block_id] = RandomGeoSampler(rasters[b.scene.scene_id], size, length=1,
+                                                             roi=block_polygon(b))
     val_ds = SceneWindows(val_windows, rasters, source, table, patch)
     if not train_windows:
         raise DataError("no training blocks with labelled pixels; lower --val-fraction or add labels")
