@@ -23,16 +23,17 @@ Conventions
   block that overlaps a validation block of another (overlapping) scene is left out. Train and
   validation therefore share no ground.
 
-Where torchgeo is used and where rsseg writes its own: nowhere here yet, on purpose.
+Where torchgeo is used and where rsseg writes its own: not in this module, on purpose.
 torchgeo's ``RasterDataset`` / ``VectorDataset`` put every file on one dataset-wide CRS and
 resolution (warping the imagery of every other CRS), ``VectorDataset`` burns unlabelled pixels as
 0 (a real class), takes integer labels only and re-reads the layer on every query. Prepared
 patches must stay on each scene's own grid (what ``predict`` reads) with unlabelled = ignore, so
 the per-image rasterization (``rasterio.features.rasterize``) and nearest-neighbour label warping
 (``rasterio.warp.reproject``) here are rsseg's own. Training straight from scenes, without a
-patch folder, is where torchgeo's common-grid datasets (image ``RasterDataset`` & label dataset
-intersected) and its geo samplers (``RandomGeoSampler`` over the training blocks' ROI,
-``GridGeoSampler`` over the validation blocks) fit; that is not written yet.
+patch folder, is where torchgeo fits: :mod:`rsseg.data.scene_sampling` reads each scene through
+its own torchgeo ``RasterDataset`` (the file's own CRS and resolution, so nothing is resampled)
+and draws windows with ``RandomGeoSampler`` over the training blocks and ``GridGeoSampler`` over
+the validation blocks, labelling each window with this module's rules.
 """
 
 from __future__ import annotations
