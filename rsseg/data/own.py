@@ -587,6 +587,28 @@ def split_blocks(labelled: list[Scene], scene_labels: Any, table: ClassTable, bl
     return [b for b in blocks if b.split != "dropped"]
 
 
+def spec_document(name: str, scene_count: int, table: ClassTable, band_names: list[str], dtype: str,
+                  manifest: dict[str, Any], split_names: dict[str, str]) -> dict[str, Any]:
+    """The ``dataset.json`` document (:func:`rsseg.data.specs.spec_from_dict` reads it) of a
+    dataset made from the user's scenes, from its class table and manifest; written by
+    :func:`prepare_own`, built in memory when training straight from the scenes."""
+    return {
+        "format": 1,
+        "name": name,
+        "title": f"own data: {scene_count} scene(s), {len(table.names)} classes",
+        "classes": list(table.names),
+        "colors": [list(c) for c in table.colors],
+        "band_names": band_names,
+        "band_indexes": manifest["band_indexes"],
+        "dtype": dtype,
+        "mean": manifest["mean"],
+        "std": manifest["std"],
+        "band_stats": manifest["radiometry"].get("band_stats"),
+        "gsd_m": manifest["gsd_m"],
+        "split_names": split_names,
+    }
+
+
 def prepare_own(
     images: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     labels: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
@@ -693,21 +715,8 @@ def prepare_own(
         manifest["radiometry"] = training_radiometry(tmp, manifest, tiles)
         manifest["radiometry"]["band_stats_note"] = "labelled pixels of training patches"
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        spec = {
-            "format": 1,
-            "name": ds_name,
-            "title": f"own data: {len(labelled)} scene(s), {len(table.names)} classes",
-            "classes": list(table.names),
-            "colors": [list(c) for c in table.colors],
-            "band_names": band_names,
-            "band_indexes": list(range(1, band_count + 1)),
-            "dtype": scenes[0].dtype,
-            "mean": manifest["mean"],
-            "std": manifest["std"],
-            "band_stats": manifest["radiometry"].get("band_stats"),
-            "gsd_m": manifest["gsd_m"],
-            "split_names": manifest["split_names"],
-        }
+        spec = spec_document(ds_name, len(labelled), table, band_names, scenes[0].dtype, manifest,
+                             manifest["split_names"])
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=1))
         _replace_folder(tmp, out)
     except BaseException:

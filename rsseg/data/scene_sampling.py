@@ -40,6 +40,7 @@ from rsseg.data.own import (
     labelled_scenes,
     open_labels,
     read_scenes,
+    spec_document,
     split_blocks,
 )
 from rsseg.data.radiometry import band_label, band_statistics, decide_alpha, read_valid
@@ -242,36 +243,9 @@ def scene_data(images: Any, labels: Any, *, label_field: str | None, classes: An
             "band_stats_note": "labelled pixels of sampled training windows",
         },
     }
-    spec = {
-        "format": 1,
-        "name": name,
-        "title": f"own data: {len(labelled)} scene(s), {len(table.names)} classes",
-        "classes": list(table.names),
-        "colors": [list(c) for c in table.colors],
-        "band_names": band_names,
-        "band_indexes": manifest["band_indexes"],
-        "dtype": scenes[0].dtype,
-        "mean": manifest["mean"],
-        "std": manifest["std"],
-        "band_stats": manifest["radiometry"]["band_stats"],
-        "gsd_m": manifest["gsd_m"],
-        "split_names": split_names,
-    }
+    spec = spec_document(name, len(labelled), table, band_names, scenes[0].dtype, manifest, split_names)
     root = Path(os.path.commonpath([str(s.path.resolve().parent) for s in labelled]))
     return SceneData(spec, manifest, train_ds, val_ds, root)
 
 
-def spec_from_dict(data: dict[str, Any]):
-    """The DatasetSpec of an in-memory dataset.json (what ``spec_from_file`` reads)."""
-    import json
-    import tempfile
-
-    from rsseg.data.specs import spec_from_file
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "dataset.json"
-        path.write_text(json.dumps(data))
-        return spec_from_file(path)
-
-
-__all__ = ["SceneData", "SceneRaster", "SceneWindows", "scene_data", "spec_from_dict"]
+__all__ = ["SceneData", "SceneRaster", "SceneWindows", "scene_data"]

@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rsseg.errors import DataError, unknown_name
 
@@ -195,12 +196,11 @@ def get_spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
-def spec_from_file(path: str | os.PathLike[str]) -> DatasetSpec:
-    """The DatasetSpec written by ``rsseg prepare --images`` (``dataset.json``): the user's classes,
-    colours, bands and value statistics; one band set "all" of the images' bands, in order."""
-    path = Path(path)
+def spec_from_dict(data: dict[str, Any], where: str = "dataset spec") -> DatasetSpec:
+    """The DatasetSpec of a ``dataset.json`` document (``rsseg prepare --images`` writes one; training
+    straight from scenes builds it in memory): the user's classes, colours, bands and value
+    statistics; one band set "all" of the images' bands, in order."""
     try:
-        data = json.loads(path.read_text())
         band_names = tuple(str(b) for b in data["band_names"])
         return DatasetSpec(
             name=str(data["name"]),
@@ -216,8 +216,18 @@ def spec_from_file(path: str | os.PathLike[str]) -> DatasetSpec:
             extra={"dtype": data.get("dtype"), "band_stats": data.get("band_stats"), "own_data": True},
             split_names=dict(data.get("split_names") or {}),
         )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{where}: unreadable dataset spec ({exc.__class__.__name__}: {exc})") from None
+
+
+def spec_from_file(path: str | os.PathLike[str]) -> DatasetSpec:
+    """The DatasetSpec written by ``rsseg prepare --images`` (``dataset.json``)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
         raise DataError(f"{path}: unreadable dataset spec ({exc.__class__.__name__}: {exc})") from None
+    return spec_from_dict(data, where=str(path))
 
 
 def spec_for(dataset: str, data_dir: str | os.PathLike[str] | None = None) -> DatasetSpec:

@@ -20,7 +20,7 @@ import yaml
 
 from rsseg.config import TrainConfig
 from rsseg.data.prepare import ensure_prepared, read_manifest
-from rsseg.data.specs import spec_for
+from rsseg.data.specs import spec_for, spec_from_dict
 from rsseg.errors import DataError, UsageError, warn
 
 # Set by the launching process so that DDP worker processes (which re-run the command) use the
@@ -249,7 +249,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # A folder prepared from the user's own data defines its dataset (classes, bands) itself.
     scenes = None
     if cfg.images:  # straight from the user's scenes: windows sampled on the fly with torchgeo
-        from rsseg.data.scene_sampling import scene_data, spec_from_dict
+        from rsseg.data.scene_sampling import scene_data
 
         if not cfg.labels:
             raise UsageError("--images needs --labels FILE (and --label-field NAME for vector labels)")
