@@ -560,10 +560,6 @@ def _from_lanes(x: Tensor, dim: int, g: int, dg: int) -> Tensor:
     return x.reshape(*x.shape[:-2], g * dg).movedim(-1, dim)
 
 
-def _grouped(t: Tensor) -> Tensor:
-    return t.unsqueeze(1) if t.dim() == 3 else t
-
-
 def _flags(*flags: bool) -> Any:
     return np.array(flags, dtype=np.bool_)
 
@@ -573,9 +569,8 @@ def _consts(dtype: torch.dtype) -> Any:
     return torch.tensor([0.0, 1.0, 20.0], dtype=dtype).numpy()
 
 
-def compute_dtype(u: Tensor) -> torch.dtype:
-    """float32, or float64 for float64 inputs (as the torch scan)."""
-    return torch.promote_types(u.dtype, torch.float32)
+def _fused_core(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor | None) -> tuple[Tensor, Tensor]:
+    return _FusedScan.apply(u.contiguous(), delta.contiguous(), A.contiguous(), B, C)
 
 
 def fused_scan(
@@ -586,26 +581,12 @@ def fused_scan(
 
     Shapes are those of ``selective_scan`` (already checked by the caller); CPU tensors only. The
     per-position elementwise parts (delta bias and softplus, D skip, z gate: 1/n of the work) are
-    torch ops under autograd, as in the torch scan; the recurrence is one fused kernel.
+    the torch scan's own (:func:`rsseg.models.ssm.scan.scan_elementwise`); the recurrence is one
+    fused kernel.
     """
-    cdt = compute_dtype(u)
-    with torch.autocast(device_type="cpu", enabled=False):
-        uc = u.to(cdt)
-        dt = delta.to(cdt)
-        if delta_bias is not None:
-            dt = dt + delta_bias.to(cdt)[:, None]
-        if delta_softplus:
-            dt = F.softplus(dt)
-        Bc = _grouped(B).to(cdt)
-        Cc = None if C is None else _grouped(C).to(cdt)
-        out, last = _FusedScan.apply(uc.contiguous(), dt.contiguous(), A.to(cdt).contiguous(), Bc, Cc)
-        if C is None:
-            return out.to(u.dtype), last
-        if D is not None:
-            out = out + D.to(cdt)[:, None] * uc
-        if z is not None:
-            out = out * F.silu(z.to(cdt))
-        return out.to(u.dtype), last
+    from rsseg.models.ssm.scan import scan_elementwise
+
+    return scan_elementwise(_fused_core, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 def unsupported_reason(u: Tensor, A: Tensor) -> str | None:
@@ -617,4 +598,4 @@ def unsupported_reason(u: Tensor, A: Tensor) -> str | None:
     return unavailable_reason()
 
 
-__all__ = ["CHUNK", "fused_scan", "unavailable_reason", "unsupported_reason", "compute_dtype"]
+__all__ = ["CHUNK", "fused_scan", "unavailable_reason", "unsupported_reason"]

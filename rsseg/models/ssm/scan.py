@@ -207,7 +207,7 @@ def selective_scan(
             delta_softplus, return_last_state,
         )
         return out
-    y, last = _torch_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, want_states=False)
+    y, last = _torch_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return (y, last) if return_last_state else y
 
 
@@ -231,7 +231,7 @@ def selective_scan_states(
         from rsseg.models.ssm.cpu_scan import fused_scan
 
         return fused_scan(u, delta, A, B, None, None, None, delta_bias, delta_softplus)[0]
-    h, _ = _torch_scan(u, delta, A, B, None, None, None, delta_bias, delta_softplus, want_states=True)
+    h, _ = _torch_scan(u, delta, A, B, None, None, None, delta_bias, delta_softplus)
     return h
 
 
@@ -279,14 +279,17 @@ def _grouped(t: Tensor) -> Tensor:
     return t.unsqueeze(1) if t.dim() == 3 else t
 
 
-def _torch_scan(
+def scan_elementwise(
+    core: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]],
     u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor | None,
     D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
-    want_states: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Exact scan in float32 (float64 for float64 inputs) with autocast off.
+    """The parts every exact backend shares, around ``core`` (the recurrence): compute in float32
+    (float64 for float64 inputs) with autocast off, delta bias + softplus, B and C in the grouped
+    layout, then the D skip and the SiLU(z) gate on the output; torch ops under autograd.
 
-    Returns (y, last_state), or (states, last_state) with ``want_states``.
+    ``core(u, delta, A, B, C)`` returns (y, last state), or (states, last state) when C is None;
+    the result comes back in ``u``'s dtype, the last state in the compute dtype.
     """
     cdt = torch.promote_types(u.dtype, torch.float32)
     with torch.autocast(device_type=u.device.type, enabled=False):
@@ -296,21 +299,31 @@ def _torch_scan(
             dt = dt + delta_bias.to(cdt)[:, None]
         if delta_softplus:
             dt = F.softplus(dt)
-        Ac = A.to(cdt)
-        Bc = _grouped(B).to(cdt)
-        b, d, length = uc.shape
-        seg = _segment_length(length, b * d * Ac.shape[1], uc.device.type)
-
-        if want_states:
-            states, last = _ScanFunction.apply(uc, dt, Ac, Bc, None, seg)
-            return states.to(u.dtype), last
-        assert C is not None
-        out, last = _ScanFunction.apply(uc, dt, Ac, Bc, _grouped(C).to(cdt), seg)
-        if D is not None:
-            out = out + D.to(cdt)[:, None] * uc
-        if z is not None:
-            out = out * F.silu(z.to(cdt))
+        Cc = None if C is None else _grouped(C).to(cdt)
+        out, last = core(uc, dt, A.to(cdt), _grouped(B).to(cdt), Cc)
+        if C is not None:
+            if D is not None:
+                out = out + D.to(cdt)[:, None] * uc
+            if z is not None:
+                out = out * F.silu(z.to(cdt))
         return out.to(u.dtype), last
+
+
+def _torch_core(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor | None) -> tuple[Tensor, Tensor]:
+    b, d, length = u.shape
+    seg = _segment_length(length, b * d * A.shape[1], u.device.type)
+    return _ScanFunction.apply(u, delta, A, B, C, seg)
+
+
+def _torch_scan(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor | None,
+    D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
+) -> tuple[Tensor, Tensor]:
+    """Exact scan in float32 (float64 for float64 inputs) with autocast off.
+
+    Returns (y, last_state), or (states, last_state) when C is None.
+    """
+    return scan_elementwise(_torch_core, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 def _segment_length(length: int, states_per_position: int, device_type: str = "cpu") -> int:
