@@ -19,29 +19,16 @@ import pytest
 import rasterio
 import torch
 from click.testing import CliRunner
-from torch import nn
 
 from rsseg.errors import OutputError, RssegWarning
 from rsseg.inference.paths import gdal_path, remove_stale_partials, scene_stem
 from rsseg.inference.predict import InputSpec, PredictOptions, open_scene, predict_scene, scene_gsd_m
 from rsseg.inference.run import predict_scenes
 
-CLASSES = ["water", "forest", "field", "town"]
-COLORS = [(0, 0, 255), (0, 128, 0), (255, 255, 0), (200, 0, 0)]
+from _predict_helpers import CLASSES, COLORS, one_torch_thread, per_pixel_model  # noqa: F401
 TESTS = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def per_pixel_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
 
 
 def spec(gsd_m=None) -> InputSpec:

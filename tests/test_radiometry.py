@@ -8,29 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-import torch
-from torch import nn
 
 from rsseg.bundle import BundleMeta, read_bundle_meta, save_bundle
 from rsseg.data.radiometry import AlphaRule, band_statistics, decide_alpha, sample_scene
 from rsseg.errors import BundleError, DataError, RssegWarning, UsageError
 from rsseg.inference.predict import InputSpec, PredictOptions, predict_scene
 
-CLASSES = ["water", "forest", "field", "town"]
-COLORS = [(0, 0, 255), (0, 128, 0), (255, 255, 0), (200, 0, 0)]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def per_pixel_model(bands: int = 3) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(bands, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+from _predict_helpers import CLASSES, COLORS, one_torch_thread, per_pixel_model  # noqa: F401
 
 
 def write(path: Path, data: np.ndarray, **extra) -> Path:
