@@ -13,7 +13,7 @@ from rsseg.config import AugmentConfig
 from rsseg.data.augment import mosaic, train_transform
 from rsseg.train.losses import SegmentationLoss, SoftCrossEntropy
 from rsseg.train.metrics import confusion_matrix, convention_text, scores_from_confusion
-from rsseg.train.module import SegmentationModule, split_backbone_parameters
+from rsseg.train.module import SegmentationModule, optimizer_groups
 from rsseg.train.tta import predict_probs
 
 IGNORE = 3
@@ -182,9 +182,12 @@ def test_backbone_parameters_are_split_by_name_prefix():
     model.encoder = nn.Linear(2, 2)
     model.backbone = nn.Linear(2, 2)
     model.head = nn.Linear(2, 2)
-    backbone, rest = split_backbone_parameters(model)
+    groups = optimizer_groups(model, lr=1.0, backbone_lr=0.1, weight_decay=0.0)
+    backbone = [p for g in groups if g["name"].startswith("backbone") for p in g["params"]]
+    rest = [p for g in groups if g["name"].startswith("head") for p in g["params"]]
     assert {id(p) for p in backbone} == {id(p) for p in (*model.encoder.parameters(), *model.backbone.parameters())}
     assert {id(p) for p in rest} == {id(p) for p in model.head.parameters()}
+    assert all(g["lr"] == (0.1 if g["name"].startswith("backbone") else 1.0) for g in groups)
 
 
 def test_low_resolution_aux_logits_are_upsampled_to_the_label_size():

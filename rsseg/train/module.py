@@ -32,16 +32,6 @@ class NonFiniteLossError(RssegError):
     """Training diverged (NaN or infinite loss)."""
 
 
-def split_backbone_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(backbone parameters, other parameters), by the name-prefix convention above."""
-    backbone, rest = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (backbone if name.startswith(BACKBONE_PREFIXES) else rest).append(param)
-    return backbone, rest
-
-
 def _no_decay_names(model: nn.Module) -> set[str]:
     """Names the model itself exempts from weight decay (timm's ``no_weight_decay()`` hook)."""
     hook = getattr(model, "no_weight_decay", None)
