@@ -114,9 +114,7 @@ def evaluate(
     from rsseg.default_model import resolve_model
     from rsseg.train.evaluate import evaluate as run_evaluation
 
-    chosen = resolve_model(model)
-    if chosen.reason != "--model":
-        (echo or log.info)(f"model {chosen.path} ({chosen.reason})")
+    chosen = resolve_model(model, echo=echo or log.info)
     return run_evaluation(chosen.path, dataset, **options)
 
 
@@ -155,9 +153,7 @@ def predict(
     echo = echo or log.info
     scene_list = [scenes] if isinstance(scenes, (str, os.PathLike)) else list(scenes)
     scene_list = [os.fspath(s) for s in scene_list]  # text: URLs and /vsi paths go to GDAL as given
-    chosen = resolve_model(model)
-    if chosen.reason != "--model":
-        echo(f"model {chosen.path} ({chosen.reason})")
+    chosen = resolve_model(model, echo=echo)
     raster_path = Path(raster) if raster else None
     confidence_path = Path(confidence) if confidence else None
     rescale_mode = parse_rescale(None if rescale is None else str(rescale))

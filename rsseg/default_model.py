@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from rsseg.errors import BundleError, UsageError
 
@@ -55,8 +56,20 @@ def _newest_run(runs: Path) -> Path | None:
     return max(bundles, key=lambda p: p.stat().st_mtime) if bundles else None
 
 
-def resolve_model(given: str | os.PathLike[str] | None, runs: Path = RUNS_DIR) -> DefaultModel:
-    """The bundle to use and why; one-line error when there is none."""
+def resolve_model(
+    given: str | os.PathLike[str] | None,
+    runs: Path = RUNS_DIR,
+    echo: Callable[[str], None] | None = None,
+) -> DefaultModel:
+    """The bundle to use and why; one-line error when there is none. When the bundle was not
+    given, ``echo`` (if any) is told which one was taken and why, in one line."""
+    chosen = _resolve(given, runs)
+    if echo is not None and chosen.reason != "--model":
+        echo(f"model {chosen.path} ({chosen.reason})")
+    return chosen
+
+
+def _resolve(given: str | os.PathLike[str] | None, runs: Path) -> DefaultModel:
     if given:
         return DefaultModel(Path(given), "--model")
     env = os.environ.get(MODEL_ENV, "").strip()

@@ -63,10 +63,7 @@ def predict(scenes, out, out_format, bundle, tile, overlap, batch_size, tta, dev
     if out_format == "loveda":
         from rsseg.default_model import resolve_model
 
-        chosen = resolve_model(bundle)
-        if chosen.reason != "--model":
-            click.echo(f"model {chosen.path} ({chosen.reason})", err=True)
-        bundle = chosen.path
+        bundle = resolve_model(bundle, echo=lambda s: click.echo(s, err=True)).path
         _loveda_submission(scenes, out, bundle, batch_size, tta, device, raster, confidence,
                            overwrite, quiet)
         return
