@@ -137,7 +137,8 @@ def predict(
     their own grid.
 
     ``out``'s suffix picks the output (``.tif`` class COG; ``.gpkg`` / ``.geojson`` / ``.fgb`` /
-    ``.parquet`` polygons; ``{stem}`` for several scenes). ``model``: a bundle; None takes the
+    ``.parquet`` polygons). Several scenes (files, folders, globs) with one ``out`` are one mosaic
+    with one output; ``{stem}`` in ``out`` gives one output per scene instead. ``model``: a bundle; None takes the
     default (:mod:`rsseg.default_model`) and says which. ``rescale``: "check" (default), "auto",
     "none" or a factor; ``bands``: scene bands in the model's order. ``options`` are
     :class:`rsseg.inference.predict.PredictOptions` fields (``tile``, ``overlap``,
@@ -147,12 +148,14 @@ def predict(
     from rsseg.bundle import load_bundle as read
     from rsseg.data.radiometry import parse_rescale
     from rsseg.default_model import resolve_model
+    from rsseg.inference.mosaic import expand_scenes
     from rsseg.inference.predict import PredictOptions
     from rsseg.inference.run import plan_outputs, predict_scenes
 
     echo = echo or log.info
     scene_list = [scenes] if isinstance(scenes, (str, os.PathLike)) else list(scenes)
-    scene_list = [os.fspath(s) for s in scene_list]  # text: URLs and /vsi paths go to GDAL as given
+    # Text: URLs and /vsi paths go to GDAL as given; folders and globs give their rasters.
+    scene_list = expand_scenes([os.fspath(s) for s in scene_list])
     chosen = resolve_model(model, echo=echo)
     raster_path = Path(raster) if raster else None
     confidence_path = Path(confidence) if confidence else None

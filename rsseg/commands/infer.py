@@ -22,7 +22,9 @@ _TTA_HELP = ("Test-time augmentation, GeoSeg's sets: flip = every combination of
 @click.argument("scenes", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Output; its suffix picks the kind: .tif class raster, or .gpkg/.geojson/.fgb/"
-                   ".parquet polygons. With several scenes, {stem} is replaced by each scene's name. "
+                   ".parquet polygons. Several scenes (files, folders, globs) with one output are one "
+                   "mosaic: windows cross tile borders and polygons are whole; with {stem} in the "
+                   "name, each scene gets its own output instead. "
                    "With --format loveda: the submission zip (its PNGs go in a folder of its name).")
 @click.option("--format", "out_format", type=click.Choice(["scene", "loveda"]), default="scene",
               show_default=True,
@@ -57,7 +59,8 @@ _TTA_HELP = ("Test-time augmentation, GeoSeg's sets: flip = every combination of
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def predict(scenes, out, out_format, bundle, tile, overlap, batch_size, tta, device, raster, confidence,
             resample, rescale, band_list, min_area, simplify, overwrite, quiet) -> None:
-    """Segment SCENES (GeoTIFFs of any size) into a class raster and/or polygons on their own grid."""
+    """Segment SCENES (GeoTIFFs of any size, tiles of a mosaic, folders, globs) into a class raster
+    and/or polygons on their own grid."""
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if out_format == "loveda":

@@ -41,6 +41,7 @@ from rsseg.inference.predict import (
     predict_scene,
     resolve_scene,
 )
+from rsseg.inference.mosaic import mosaic_scene, wants_mosaic
 from rsseg.inference.rasterio_out import remove_quietly
 from rsseg.inference.vectorize import (
     RASTER_SUFFIXES,
@@ -104,7 +105,8 @@ def plan_outputs(scenes: Sequence[str | os.PathLike[str]], out: Path, raster: Pa
                  confidence: Path | None, overwrite: bool, *,
                  inputs: Sequence[Path] = ()) -> list[SceneOutputs]:
     """Output paths per scene, checked (suffix, writable, unique, not an input) before any work.
-    ``inputs``: further files the run reads (the model bundle)."""
+    Several scenes with no ``{stem}`` in ``out`` are one mosaic: one plan, whose scene is the
+    first tile until the mosaic is built. ``inputs``: further files the run reads (the bundle)."""
     suffix = out.suffix.lower()
     if suffix not in RASTER_SUFFIXES and suffix not in VECTOR_DRIVERS:
         raise OutputError(
@@ -114,6 +116,13 @@ def plan_outputs(scenes: Sequence[str | os.PathLike[str]], out: Path, raster: Pa
     for extra, flag in ((raster, "--raster"), (confidence, "--confidence")):
         if extra is not None and extra.suffix.lower() not in RASTER_SUFFIXES:
             raise OutputError(f"{flag} must name a .tif file, got {extra.name}")
+    all_scenes = list(scenes)
+    if wants_mosaic(all_scenes, out):
+        for extra, flag in ((raster, "--raster"), (confidence, "--confidence")):
+            if extra is not None and "{stem}" in str(extra):
+                raise UsageError(f"{flag} has {{stem}} but -o has none: several scenes with one -o "
+                                 "are one mosaic with one output; put {stem} in -o for one per scene")
+        scenes = all_scenes[:1]
     many = len(scenes) > 1
     plans: list[SceneOutputs] = []
     for scene in scenes:
@@ -133,7 +142,7 @@ def plan_outputs(scenes: Sequence[str | os.PathLike[str]], out: Path, raster: Pa
     targets = [x for p in plans for x in (p.classes, p.confidence, p.vectors) if x is not None]
     if len(set(targets)) != len(targets):
         raise OutputError("two outputs would get the same file name; use {stem} in the output path")
-    check_not_inputs(targets, input_files(scenes, inputs))
+    check_not_inputs(targets, input_files(all_scenes, inputs))
     return plans
 
 
@@ -185,13 +194,22 @@ def predict_scenes(
     """Predict every scene with one loaded model; write class rasters and/or vectors.
 
     ``scenes`` are anything GDAL opens (paths, URLs, /vsi paths); ``inputs`` are further files
-    the run reads (the model bundle), which no output may replace."""
+    the run reads (the model bundle), which no output may replace. Several scenes and an ``out``
+    without ``{stem}`` are predicted as one mosaic (:mod:`rsseg.inference.mosaic`)."""
+    scenes = [os.fspath(s) for s in scenes]
+    if wants_mosaic(scenes, Path(out)):
+        # Outputs are checked against every tile before the mosaic is laid out.
+        plan_outputs(scenes, Path(out), raster, confidence, overwrite, inputs=inputs)
+        with mosaic_scene(scenes) as vrt:
+            tiles = [Path(s) for s in scenes if is_local_file(s)]
+            return predict_scenes([vrt], out, model, meta, options=options, raster=raster,
+                                  confidence=confidence, overwrite=overwrite, simplify=simplify,
+                                  min_area=min_area, echo=echo, inputs=[*inputs, *tiles])
     options = options or PredictOptions()
     rank, world, barrier = distributed_context()
     if world > 1 and rank != 0:
         options.progress = False
     spec = InputSpec.from_meta(meta)
-    scenes = [os.fspath(s) for s in scenes]
     raster = Path(raster) if raster is not None else None
     confidence = Path(confidence) if confidence is not None else None
     plans = plan_outputs(scenes, Path(out), raster, confidence, overwrite, inputs=inputs)
