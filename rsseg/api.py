@@ -149,6 +149,7 @@ def predict(
     from rsseg.data.radiometry import parse_rescale
     from rsseg.default_model import resolve_model
     from rsseg.inference.mosaic import expand_scenes
+    from rsseg.inference.ranks import rank_device
     from rsseg.inference.predict import PredictOptions
     from rsseg.inference.run import plan_outputs, predict_scenes
 
@@ -164,7 +165,9 @@ def predict(
     # reported before the model loads.
     plan_outputs(scene_list, Path(out), raster_path, confidence_path, overwrite, inputs=[chosen.path])
     options.setdefault("progress", False)
-    net, meta = read(chosen.path, device=options.get("device", "cpu"))
+    # Under torchrun each rank loads the model straight onto its own GPU (cuda -> cuda:LOCAL_RANK).
+    options["device"] = rank_device(options.get("device", "cpu"))
+    net, meta = read(chosen.path, device=options["device"])
     settings = PredictOptions(rescale=rescale_mode, bands=bands, **options)
     return predict_scenes(scene_list, Path(out), net, meta, options=settings, raster=raster_path,
                           confidence=confidence_path, overwrite=overwrite, simplify=simplify,
@@ -172,20 +175,31 @@ def predict(
 
 
 def vectorize(
-    raster: str | os.PathLike[str],
+    raster: str | os.PathLike[str] | list[str | os.PathLike[str]],
     out: str | os.PathLike[str],
     *,
     classes: str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> tuple[list[Path], int]:
     """Polygons of a uint8 class raster (255 = nodata), merged across blocks, simplified as a
-    coverage, styled for QGIS. ``classes``: a bundle, JSON or text file of names/colours (default:
-    the raster's own metadata). ``options``: ``simplify``, ``min_area``, ``overwrite``,
-    ``progress``, ``block_rows``. Returns (files written, polygon count)."""
-    from rsseg.inference.vectorize import read_classes_file, vectorize_to_file
+    coverage, styled for QGIS. Several class rasters (files, folders, globs: e.g. the outputs of
+    per-area jobs) are vectorized as one mosaic, so polygons are whole across their borders.
+    ``classes``: a bundle, JSON or text file of names/colours (default: the first raster's own
+    metadata). ``options``: ``simplify``, ``min_area``, ``overwrite``, ``progress``,
+    ``block_rows``. Returns (files written, polygon count)."""
+    from rsseg.inference.mosaic import expand_scenes, mosaic_scene
+    from rsseg.inference.run import check_not_inputs
+    from rsseg.inference.vectorize import class_info_from_raster, read_classes_file, vectorize_to_file
 
+    rasters = [raster] if isinstance(raster, (str, os.PathLike)) else list(raster)
+    rasters = expand_scenes([os.fspath(r) for r in rasters])
+    check_not_inputs([Path(out)], [Path(r) for r in rasters])
     info = read_classes_file(Path(classes)) if classes is not None else None
-    return vectorize_to_file(Path(raster), Path(out), classes=info, **options)
+    if len(rasters) == 1:
+        return vectorize_to_file(Path(rasters[0]), Path(out), classes=info, **options)
+    info = info or class_info_from_raster(Path(rasters[0]))
+    with mosaic_scene(rasters) as vrt:
+        return vectorize_to_file(Path(vrt), Path(out), classes=info, **options)
 
 
 def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> tuple[Any, Any]:

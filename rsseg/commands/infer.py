@@ -109,7 +109,7 @@ def _loveda_submission(scenes, out, bundle, batch_size, tta, device, raster, con
 
 
 @click.command("vectorize")
-@click.argument("raster", type=click.Path(path_type=Path))
+@click.argument("rasters", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Vector output: .gpkg (styled for QGIS), .geojson, .fgb or .parquet (+ .qml).")
 @click.option("--classes", "classes_file", type=click.Path(path_type=Path), default=None,
@@ -122,17 +122,20 @@ def _loveda_submission(scenes, out, bundle, batch_size, tta, device, raster, con
               help="Rows polygonized at a time (default: about 32 million pixels per block).")
 @click.option("--overwrite", is_flag=True, help="Replace the output if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def vectorize(raster, out, classes_file, min_area, simplify, block_rows, overwrite, quiet) -> None:
-    """Turn a uint8 class raster (255 = nodata) into polygons per class with a QGIS style."""
+def vectorize(rasters, out, classes_file, min_area, simplify, block_rows, overwrite, quiet) -> None:
+    """Turn a uint8 class raster (255 = nodata) into polygons per class with a QGIS style.
+
+    Several RASTERS (e.g. the class rasters of per-area jobs) are one mosaic: polygons that cross
+    their borders come out whole, exactly as from one raster."""
+    from rsseg.api import vectorize as run_vectorize
     from rsseg.inference.paths import remove_stale_partials
-    from rsseg.inference.vectorize import read_classes_file, vectorize_to_file
 
     if block_rows is not None and block_rows < 1:
         raise UsageError(f"--block-rows must be at least 1, got {block_rows}")
-    info = read_classes_file(classes_file) if classes_file is not None else None
     remove_stale_partials(out.parent if str(out.parent) else Path("."))  # left by killed runs
-    files, n = vectorize_to_file(raster, out, classes=info, simplify=simplify, min_area=min_area,
-                                 overwrite=overwrite, progress=not quiet, block_rows=block_rows)
+    files, n = run_vectorize(list(rasters), out, classes=classes_file, simplify=simplify,
+                             min_area=min_area, overwrite=overwrite, progress=not quiet,
+                             block_rows=block_rows)
     click.echo(f"{n} polygons -> {', '.join(str(f) for f in files)}", err=True)
 
 

@@ -18,7 +18,8 @@ Rules, stated once:
 - overlaps: the first valid pixel wins, in the order the scenes were given (a tile's nodata,
   mask or alpha lets the next tile show through);
 - a pixel no tile covers, or only with nodata, is nodata (the mosaic's mask is the union of the
-  tiles' masks).
+  tiles' masks); where the tiles share a nodata value, the mosaic declares it and holds it there
+  (class rasters of per-area jobs, 255, mosaic the same way).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class _Tile:
     count: int
     dtypes: tuple[str, ...]
     all_valid: bool  # no nodata, mask or alpha: every pixel is data
+    nodata: float | None
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def _read_tile(scene: str) -> tuple[_Tile, rasterio.crs.CRS | None]:
         flags = src.mask_flag_enums[0] if src.count else []
         all_valid = [f.name for f in flags] == ["all_valid"]
         tile = _Tile(scene, src.width, src.height, src.transform, src.count, tuple(src.dtypes),
-                     all_valid)
+                     all_valid, src.nodata)
         if src.crs is None and src.transform == rasterio.Affine.identity():
             raise DataError(f"{scene_name(scene)} has no georeferencing; tiles of a mosaic are "
                             "placed by their transform (predict it alone, or use {stem} in -o)")
@@ -186,7 +188,9 @@ _VRT_TYPES = {"uint8": "Byte", "int8": "Int8", "uint16": "UInt16", "int16": "Int
 
 
 def _num(v: float) -> str:
-    return repr(float(v)) if v != int(v) else str(int(v))
+    if not math.isfinite(v) or v != int(v):
+        return repr(float(v))
+    return str(int(v))
 
 
 def mosaic_vrt_xml(grid: MosaicGrid) -> str:
@@ -229,6 +233,10 @@ def mosaic_vrt_xml(grid: MosaicGrid) -> str:
         return out
 
     # Where tiles neither overlap nor have masks, plain sources are exact and faster.
+    shared = {t.nodata for t in grid.tiles}
+    nodata = shared.pop() if len(shared) == 1 else None
+    if nodata is not None and math.isnan(nodata):
+        nodata = None  # NaN is masked by the tiles' masks; the VRT needs no fill value for it
     data_kind = "data" if overlap and not all(t.all_valid for t in grid.tiles) else "simple"
     for b in range(1, grid.tiles[0].count + 1):
         dtype = _VRT_TYPES.get(grid.tiles[0].dtypes[b - 1])
@@ -238,6 +246,8 @@ def mosaic_vrt_xml(grid: MosaicGrid) -> str:
         lines.append(f'  <VRTRasterBand dataType="{dtype}" band="{b}">')
         if descriptions[b - 1]:
             lines.append(f"    <Description>{escape(descriptions[b - 1])}</Description>")
+        if nodata is not None:  # also what the pixels no tile covers hold
+            lines.append(f"    <NoDataValue>{_num(nodata)}</NoDataValue>")
         if colorinterp[b - 1] not in ("undefined",):
             lines.append(f"    <ColorInterp>{colorinterp[b - 1].capitalize()}</ColorInterp>")
         lines += sources(str(b), data_kind, dtype)

@@ -42,6 +42,7 @@ from rsseg.inference.predict import (
     resolve_scene,
 )
 from rsseg.inference.mosaic import mosaic_scene, wants_mosaic
+from rsseg.inference.ranks import rank_device
 from rsseg.inference.rasterio_out import remove_quietly
 from rsseg.inference.vectorize import (
     RASTER_SUFFIXES,
@@ -207,6 +208,7 @@ def predict_scenes(
                                   min_area=min_area, echo=echo, inputs=[*inputs, *tiles])
     options = options or PredictOptions()
     rank, world, barrier = distributed_context()
+    options.device = rank_device(options.device)  # each torchrun rank on its own GPU
     if world > 1 and rank != 0:
         options.progress = False
     spec = InputSpec.from_meta(meta)
