@@ -200,3 +200,51 @@ def test_cli_predicts_a_folder_of_tiles_into_one_geopackage(tmp_path: Path) -> N
     gdf = gpd.read_file(tmp_path / "city.gpkg", layer="city")
     # The polygons cover exactly the mosaic's 70 x 90 pixels.
     assert gdf.geometry.area.sum() == pytest.approx(70 * 90 * GSD * GSD, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- column stripes
+
+
+@pytest.mark.parametrize("width,tile,overlap,max_width", [
+    (1000, 64, 16, 200), (1000, 64, 0, 130), (777, 100, 60, 250), (300, 64, 16, 10), (50, 64, 16, 10),
+])
+def test_column_stripes_own_every_column_once_with_all_its_windows(width, tile, overlap, max_width) -> None:
+    from rsseg.inference.predict import column_stripes
+    from rsseg.inference.windows import window_grid
+
+    columns = window_grid(tile, width, tile, overlap)[0]
+    stripes = column_stripes(columns, width, max_width)
+    assert stripes[0].left == 0 and stripes[-1].right == width
+    assert all(a.right == b.left for a, b in zip(stripes, stripes[1:]))
+    for s in stripes:
+        assert s.left < s.right
+        for x in range(s.left, s.right):
+            covering = [j for j, w in enumerate(columns) if w.col <= x < w.col + w.width]
+            assert covering and s.first <= min(covering) and max(covering) <= s.last
+
+
+def test_a_scene_wider_than_the_buffer_budget_is_predicted_in_stripes_identically(tmp_path, monkeypatch) -> None:
+    import rsseg.inference.predict as predict
+
+    data = smooth_scene(70, 400, seed=2)
+    data[:, 30:40, 100:300] = 0
+    scene = write(tmp_path / "wide.tif", data)
+    model = context_model()
+    predict_scenes([scene], tmp_path / "one.tif", model, spec(), options=opts(),
+                   confidence=tmp_path / "one_p.tif", echo=lambda s: None)
+    widths = []
+    real = predict._RowBuffer
+
+    class Recording(real):
+        def __init__(self, num_classes, height, width, *args, **kw):
+            widths.append(width)
+            super().__init__(num_classes, height, width, *args, **kw)
+
+    monkeypatch.setattr(predict, "_RowBuffer", Recording)
+    monkeypatch.setattr(predict, "stripe_width_limit", lambda classes, tile: 100)
+    predict_scenes([scene], tmp_path / "striped.tif", model, spec(), options=opts(),
+                   confidence=tmp_path / "striped_p.tif", echo=lambda s: None)
+    assert len(widths) >= 4 and max(widths) <= 100
+    for a, b in (("one.tif", "striped.tif"), ("one_p.tif", "striped_p.tif")):
+        with rasterio.open(tmp_path / a) as x, rasterio.open(tmp_path / b) as y:
+            np.testing.assert_array_equal(x.read(1), y.read(1))

@@ -485,7 +485,8 @@ def _threaded(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 
 
 class _RowBuffer:
-    """Weighted class scores for rows [top, top + height) across the full scene width.
+    """Weighted class scores for rows [top, top + height) across a column stripe of the scene
+    (``left`` .. ``left + width``; ``col_sum`` is the stripe's part).
 
     The blend weight of a window is ``outer(wy, wx)`` with ``wy`` depending only on its window
     row and ``wx`` only on its window column, so the total weight at a pixel is the product of a
@@ -494,16 +495,17 @@ class _RowBuffer:
     """
 
     def __init__(self, num_classes: int, height: int, width: int, top: int,
-                 row_sum: np.ndarray, col_sum: np.ndarray) -> None:
+                 row_sum: np.ndarray, col_sum: np.ndarray, left: int = 0) -> None:
         self.scores = np.zeros((num_classes, height, width), dtype=np.float32)
         self.valid = np.zeros((height, width), dtype=bool)
         self.top = top
+        self.left = left  # scene column of the buffer's first column (a column stripe's start)
         self.height = height
         self.row_sum, self.col_sum = row_sum, col_sum
 
     def add(self, w: Window, probs: np.ndarray, weights: np.ndarray, valid: np.ndarray) -> None:
-        r = w.row - self.top
-        sl = (slice(r, r + w.height), slice(w.col, w.col + w.width))
+        r, c = w.row - self.top, w.col - self.left
+        sl = (slice(r, r + w.height), slice(c, c + w.width))
         self.scores[(slice(None),) + sl] += probs * weights
         self.valid[sl] |= valid
 
@@ -550,6 +552,56 @@ def weight_sums(grid: list[list[Window]], height: int, width: int, tile: int, ov
     for w in grid[0]:
         col_sum[w.col : w.col + w.width] += ramp_1d(tile, overlap, w.left_border, w.right_border)[: w.width]
     return row_sum, col_sum
+
+
+# ----------------------------------------------------------------------------- column stripes
+
+# The row buffer holds (classes x one window's height x stripe width) float32 scores. A scene
+# (or mosaic) wider than this budget is predicted in vertical stripes, one after the other, so
+# memory does not grow with the width either; see column_stripes.
+ROW_BUFFER_MB = 256
+
+
+@dataclass(frozen=True)
+class ColumnStripe:
+    first: int  # index of the stripe's first and last window column (inclusive)
+    last: int
+    left: int  # scene columns [left, right) this stripe writes
+    right: int
+
+
+def column_stripes(columns: Sequence[Window], width: int, max_width: int) -> list[ColumnStripe]:
+    """Split a window grid's columns into stripes whose windows span at most ``max_width``
+    pixels (at least two window columns each). A stripe writes only the columns that no window
+    outside it touches, so every written pixel has all its windows' contributions, added in the
+    same order as in one pass: the result is identical to predicting the scene in one stripe.
+    Neighbouring stripes share the window columns that reach across their border (computed
+    twice: the price of memory flat in width)."""
+    starts = [w.col for w in columns]
+    ends = [w.col + w.width for w in columns]
+    m = len(columns)
+    stripes: list[ColumnStripe] = []
+    first, left = 0, 0
+    while True:
+        last = first
+        while last + 1 < m and ends[last + 1] - starts[first] <= max_width:
+            last += 1
+        last = max(last, min(first + 1, m - 1))
+        # The next stripe must start after the window columns that end by this one's right edge;
+        # with overlaps over half a tile that needs more than two columns here.
+        while last + 1 < m and ends[first] > starts[last + 1]:
+            last += 1
+        if last == m - 1:
+            stripes.append(ColumnStripe(first, last, left, width))
+            return stripes
+        right = starts[last + 1]
+        stripes.append(ColumnStripe(first, last, left, right))
+        first, left = sum(1 for e in ends if e <= right), right
+
+
+def stripe_width_limit(num_classes: int, tile: int) -> int:
+    """The widest stripe (scene pixels) whose row buffer fits ROW_BUFFER_MB."""
+    return max(2 * tile, (ROW_BUFFER_MB << 20) // (4 * max(num_classes, 1) * max(tile, 1)))
 
 
 # ----------------------------------------------------------------------------- one scene
@@ -633,8 +685,14 @@ def predict_scene(
                                             transform=strip_transform, dtype="float32",
                                             nodata=CONFIDENCE_NODATA)
             writers.append(conf_writer)
-        run, skipped = _predict_rows(scene, model, spec, options, scale, grid, lines, (y0, y1), height,
-                                     width, tile_s, overlap_s, cls_writer, conf_writer, strip[0])
+        run, skipped = 0, []
+        for stripe in column_stripes(grid[0], width, stripe_width_limit(spec.num_classes, tile_s)):
+            part = [line[stripe.first : stripe.last + 1] for line in lines]
+            n_run, n_skipped = _predict_rows(scene, model, spec, options, scale, grid, part, (y0, y1),
+                                             height, width, tile_s, overlap_s, cls_writer, conf_writer,
+                                             strip[0], stripe)
+            run += n_run
+            skipped += n_skipped
         if world_size > 1:
             for w in writers:
                 w.close_scratch()
@@ -662,8 +720,13 @@ def predict_scene(
 
 
 def _predict_rows(scene, model, spec, options, scale, grid, lines, rows, height, width, tile_s,
-                  overlap_s, cls_writer, conf_writer, strip_top) -> tuple[int, list[Window]]:
+                  overlap_s, cls_writer, conf_writer, strip_top, stripe: ColumnStripe | None = None
+                  ) -> tuple[int, list[Window]]:
     y0, y1 = rows
+    # The buffer spans the stripe's windows; only the stripe's own columns are written.
+    x0 = lines[0][0].col if lines else 0
+    x1 = lines[0][-1].col + lines[0][-1].width if lines else width
+    left, right = (stripe.left, stripe.right) if stripe is not None else (0, width)
     if not lines or y1 <= y0:
         return 0, []
     device = torch.device(options.device)
@@ -673,7 +736,8 @@ def _predict_rows(scene, model, spec, options, scale, grid, lines, rows, height,
     reader = _SceneReader(scene, spec, scale, options)
     skipped: list[Window] = []
     row_sum, col_sum = weight_sums(grid, height, width, tile_s, overlap_s)
-    buffer = _RowBuffer(spec.num_classes, lines[0][0].height, width, lines[0][0].row, row_sum, col_sum)
+    buffer = _RowBuffer(spec.num_classes, lines[0][0].height, x1 - x0, lines[0][0].row, row_sum,
+                        col_sum[x0:x1], left=x0)
     n_windows = sum(len(line) for line in lines)
     read_bar = tqdm(total=n_windows, desc=f"read {scene_name(scene)}", unit="win", disable=not options.progress,
                     leave=False, position=0)
@@ -689,9 +753,10 @@ def _predict_rows(scene, model, spec, options, scale, grid, lines, rows, height,
         a, b = max(top, y0), min(top + classes.shape[0], y1)
         if b <= a:
             return
-        cls_writer.write_rows(a - strip_top, classes[a - top : b - top])
+        cols = slice(left - x0, right - x0)
+        cls_writer.write_rows(a - strip_top, classes[a - top : b - top, cols], col=left)
         if conf_writer is not None:
-            conf_writer.write_rows(a - strip_top, conf[a - top : b - top])
+            conf_writer.write_rows(a - strip_top, conf[a - top : b - top, cols], col=left)
         write_bar.update(b - a)
 
     try:

@@ -100,9 +100,10 @@ class TiledRasterWriter:
         )
         self._ds = rasterio.open(self.scratch_path, "w", **profile)
 
-    def write_rows(self, row: int, values: np.ndarray) -> None:
+    def write_rows(self, row: int, values: np.ndarray, col: int = 0) -> None:
+        """Write ``values`` with its top-left pixel at (``row``, ``col``)."""
         h, w = values.shape
-        window = rasterio.windows.Window(0, row, w, h)
+        window = rasterio.windows.Window(col, row, w, h)
         self._ds.write(values.astype(self.dtype, copy=False), 1, window=window)
 
     def close_scratch(self) -> None:
