@@ -248,3 +248,30 @@ def test_a_scene_wider_than_the_buffer_budget_is_predicted_in_stripes_identicall
     for a, b in (("one.tif", "striped.tif"), ("one_p.tif", "striped_p.tif")):
         with rasterio.open(tmp_path / a) as x, rasterio.open(tmp_path / b) as y:
             np.testing.assert_array_equal(x.read(1), y.read(1))
+
+
+def test_alpha_tagged_tiles_mask_like_the_scene_they_were_cut_from(tmp_path: Path) -> None:
+    """RGBA tiles (alpha 0 = no data): the mosaic keeps the alpha as a mask, as the scene does."""
+    from rasterio.enums import ColorInterp
+
+    rgb = smooth_scene(60, 80, seed=4)
+    alpha = np.full((1, 60, 80), 255, np.uint8)
+    alpha[0, 20:45, 30:55] = 0  # straddles both tile borders
+    data = np.concatenate([rgb, alpha])
+
+    def rgba(path: Path, part: np.ndarray, col: int = 0, row: int = 0) -> Path:
+        write(path, part, col=col, row=row, nodata=None)
+        with rasterio.open(path, "r+") as ds:
+            ds.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
+        return path
+
+    scene = rgba(tmp_path / "scene.tif", data)
+    tiles = [rgba(tmp_path / f"t{i}{j}.tif", data[:, r0:r1, c0:c1], c0, r0)
+             for i, (r0, r1) in enumerate(((0, 30), (30, 60))) for j, (c0, c1) in enumerate(((0, 40), (40, 80)))]
+    model = context_model()
+    predict_scenes([scene], tmp_path / "one.tif", model, spec(), options=opts(), echo=lambda s: None)
+    predict_scenes(tiles, tmp_path / "city.tif", model, spec(), options=opts(), echo=lambda s: None)
+    with rasterio.open(tmp_path / "one.tif") as a, rasterio.open(tmp_path / "city.tif") as b:
+        one, city = a.read(1), b.read(1)
+    assert (one[20:45, 30:55] == 255).all()
+    np.testing.assert_array_equal(one, city)
