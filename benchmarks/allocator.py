@@ -10,6 +10,8 @@ default. Settings:
 - ``glibc``: the default allocator, as users run.
 - ``glibc-thp``: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: glibc asks for transparent huge pages
   on its mmap'd chunks (the large tensors), 2 MiB pages instead of 4 KiB (glibc >= 2.35).
+- ``glibc-mallopt``: the 32 MiB mmap threshold (glibc's maximum) and no trimming, as
+  ``mallopt`` at program start would set them.
 - ``jemalloc``: ``LD_PRELOAD`` libjemalloc with ``MALLOC_CONF`` keeping freed pages
   (``dirty_decay_ms:-1,muzzy_decay_ms:-1``), skipped where the library is absent.
 - ``tcmalloc``: ``LD_PRELOAD`` libtcmalloc_minimal, skipped where absent.
@@ -53,6 +55,9 @@ def settings() -> dict[str, dict[str, str] | None]:
     return {
         "glibc": {},
         "glibc-thp": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+        # What mallopt at CLI start can do: the largest mmap threshold glibc allows (32 MiB) and
+        # no trimming, so freed chunks under 32 MiB stay in the heap and are reused unfaulted.
+        "glibc-mallopt": {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)},
         "jemalloc": {"LD_PRELOAD": jemalloc, "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
         if jemalloc else None,
         "tcmalloc": {"LD_PRELOAD": tcmalloc} if tcmalloc else None,
