@@ -168,3 +168,27 @@ def test_fused_is_deterministic_across_thread_counts():
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_fused_scan_leaves_torchs_thread_count_alone():
+    # numba's OpenMP pool sets OpenMP's thread count, which torch shares: without the reset in
+    # cpu_scan._launch, a one-thread torch ran two threads after the first scan.
+    threads = torch.get_num_threads()
+    inp = make_inputs(1, 32, 4, 40, 2, seed=6)
+    try:
+        for t in (1, 2, 1):
+            torch.set_num_threads(t)
+            leaves = {k: v.clone().requires_grad_() for k, v in inp.items()}
+            selective_scan(**leaves, delta_softplus=True, backend="fused").sum().backward()
+            assert torch.get_num_threads() == t
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fused_refuses_a_state_larger_than_its_stack_block(monkeypatch):
+    monkeypatch.delenv(scan_module.ENV_VAR, raising=False)
+    inp = make_inputs(1, 4, cpu_scan.MAX_STATE + 1, 5, None, seed=0)
+    assert "d_state <= 64" in cpu_scan.unsupported_reason(inp["u"], inp["A"])
+    assert _resolve(inp) == "torch"
+    with pytest.raises(UsageError, match="d_state"):
+        _resolve(inp, "fused")

@@ -7,10 +7,16 @@ branch goes through a depthwise 3x3 conv + SiLU, is read in four traversals (see
 the four results summed per pixel, LayerNorm'ed and multiplied by SiLU(gate), then projected back.
 VSSBlock adds it as a residual after a LayerNorm; VSSLayer stacks VSSBlocks.
 All take and return channels-last maps (B, H, W, C) of any H x W.
+
+On CPU with the fused scan (float32 compute, backend ``auto`` or ``fused``), SS2D skips the four
+traversal copies: the projections run per pixel on the channels-last map, and the fused kernel
+walks the (H, W) grid in each traversal's order itself and adds the four results per pixel
+(:meth:`SS2D.scan_fused`, docs/cpu_scan.md). Same function and parameters as the general path.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -18,6 +24,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
 
+from rsseg.models.ssm import scan as scan_module
 from rsseg.models.ssm.mamba_init import a_log_init, d_init, dt_proj_init_
 from rsseg.models.ssm.scan import selective_scan
 from rsseg.models.ssm.scan_orders import merge_sequences, to_sequences
@@ -31,6 +38,27 @@ def linear_init_(weight: Tensor) -> None:
         bound = 1.0 / math.sqrt(weight.shape[-1])
         with torch.no_grad():
             weight.uniform_(-bound, bound)
+
+
+@functools.lru_cache(maxsize=64)
+def traversal_orders(height: int, width: int) -> Tensor:
+    """(4, H*W) int64: the flat pixel (i * W + j) read at step t of each traversal of
+    :mod:`scan_orders` (right, left, down, up)."""
+    rows = torch.arange(height * width)
+    cols = rows.view(height, width).t().reshape(-1)  # column-major: step j * H + i reads (i, j)
+    return torch.stack([rows, rows.flip(0), cols, cols.flip(0)]).contiguous()
+
+
+def _fused_lanes_wanted(x: Tensor, A_logs: Tensor) -> bool:
+    """Whether SS2D's scan runs in the fused CPU kernel's traversal form: CPU, float32 compute
+    (float64 stays on the reference path), backend auto or fused, numba usable."""
+    if x.device.type != "cpu" or torch.promote_types(x.dtype, torch.float32) != torch.float32:
+        return False
+    if scan_module.requested_backend() not in ("auto", "fused"):
+        return False
+    from rsseg.models.ssm import cpu_scan  # imports numba: on first CPU use only
+
+    return cpu_scan.unsupported_reason(x, A_logs) is None
 
 
 def resolve_dt_rank(dt_rank: int | str, d_model: int) -> int:
@@ -79,9 +107,47 @@ class SS2D(nn.Module):
         b, h, w, _ = x.shape
         xin, gate = self.in_proj(x).chunk(2, dim=-1)
         xin = self.act(self.conv2d(xin.permute(0, 3, 1, 2)))  # (B, Di, H, W)
-        y = merge_sequences(self.scan(to_sequences(xin)), h, w)  # (B, Di, H, W)
-        y = self.out_norm(y.permute(0, 2, 3, 1)) * F.silu(gate)
+        if _fused_lanes_wanted(xin, self.A_logs):
+            y = self.scan_fused(xin.permute(0, 2, 3, 1))  # (B, H, W, Di)
+        else:
+            y = merge_sequences(self.scan(to_sequences(xin)), h, w).permute(0, 2, 3, 1)
+        y = self.out_norm(y) * F.silu(gate)
         return self.dropout(self.out_proj(y))
+
+    # One graph break under torch.compile (dynamo cannot trace the numba kernel), as selective_scan.
+    @torch.compiler.disable(reason="rsseg's fused CPU scan runs its own kernels")
+    def scan_fused(self, x: Tensor) -> Tensor:
+        """(B, H, W, Di) -> (B, H, W, Di): :meth:`scan` and the four-way merge in one kernel pass.
+
+        x_proj is per pixel, so it runs once on the channels-last map for all four traversals;
+        the kernel reads u, delta, B, C at each traversal's pixels (``traversal_orders``) and adds
+        the four outputs per pixel. The D skip of the four directions is one (sum_k D_k) * u.
+        """
+        from rsseg.models.ssm.cpu_scan import lane_scan, ss2d_forward
+
+        b, h, w, di = x.shape
+        k, n, r, length = NUM_DIRECTIONS, self.d_state, self.dt_rank, h * w
+        xl = x.reshape(b, length, di)
+        x_dbl = F.linear(xl, self.x_proj_weight.reshape(k * (r + 2 * n), di)).view(b, length, k, r + 2 * n)
+        params = (self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
+        with torch.autocast(device_type="cpu", enabled=False):  # the scan in float32, as scan()
+            f32 = torch.float32
+            u = xl.to(f32)
+            A = -torch.exp(self.A_logs.to(f32))
+            if not grad:  # inference: delta from the low-rank dt inside the kernel, never stored
+                y = ss2d_forward(u, x_dbl.to(f32), self.dt_projs_weight.to(f32), self.dt_projs_bias.to(f32),
+                                 A, self.Ds.to(f32), traversal_orders(h, w), r)
+                return y.reshape(b, h, w, di).to(x.dtype)
+        dts = x_dbl[..., :r].permute(2, 0, 1, 3).reshape(k, b * length, r)
+        dts = torch.bmm(dts, self.dt_projs_weight.transpose(1, 2))  # (K, B*L, Di)
+        with torch.autocast(device_type="cpu", enabled=False):
+            delta = F.softplus(dts.to(f32) + self.dt_projs_bias.to(f32)[:, None])
+            AT = A.view(k, di, n).transpose(1, 2)  # (K, N, Di)
+            y, _ = lane_scan(u[None], delta.view(k, b, length, di), AT, x_dbl[..., r:r + n].to(f32),
+                             x_dbl[..., r + n:].to(f32), traversal_orders(h, w))
+            y = y[0, ..., :di] + u * self.Ds.to(f32).view(k, di).sum(0)
+        return y.view(b, h, w, di).to(x.dtype)
 
     def scan(self, xs: Tensor) -> Tensor:
         """(B, 4, Di, L) traversal sequences -> (B, 4, Di, L) S6 outputs, one parameter set each."""
