@@ -1,4 +1,9 @@
-"""Exact union of pixel-region pieces that were polygonized strip by strip (hand-written).
+"""Pixel polygons as flat arrays: exact union of strip pieces, and coverage simplification.
+
+Both work on polygons whose corners are pixel corners (integers; x = column, y = row), held as
+flat arrays (:class:`Rag`). The simplifier is described at :class:`CoverageSimplifier`.
+
+Union of pixel-region pieces that were polygonized strip by strip (hand-written).
 
 Why not ``shapely.union_all``: GEOS's overlay nodes every segment of every piece, and the few
 regions that span many strips carry hundreds of thousands of vertices; at 8192² that union took
@@ -17,10 +22,97 @@ at a point stays a separate ring, which is the OGC-valid form and the one GDAL's
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 import shapely
+
+
+@dataclass
+class Rag:
+    """Polygons as flat arrays: ring vertices without the closing repeat, shell first.
+
+    ``xy`` (n, 2) int64 pixel corners, or float64 map coordinates; ``ring_sizes`` vertices per
+    ring; ``ring_counts`` rings per polygon. What the pipeline carries from ``shapes`` to the
+    file: no shapely geometry is built on the way (building, reading rings back and transforming
+    them cost more than the arithmetic done on them).
+    """
+
+    xy: np.ndarray
+    ring_sizes: np.ndarray
+    ring_counts: np.ndarray
+
+    @classmethod
+    def empty(cls, dtype=np.int64) -> "Rag":
+        return cls(np.zeros((0, 2), dtype=dtype), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+
+    @classmethod
+    def concat(cls, parts: Sequence["Rag"]) -> "Rag":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return cls.empty()
+        if len(parts) == 1:
+            return parts[0]
+        return cls(np.concatenate([p.xy for p in parts]), np.concatenate([p.ring_sizes for p in parts]),
+                   np.concatenate([p.ring_counts for p in parts]))
+
+    @classmethod
+    def from_shapely(cls, polygons) -> "Rag":
+        polygons = np.asarray(polygons, dtype=object)
+        if len(polygons) == 0:
+            return cls.empty()
+        rings, owner = shapely.get_rings(polygons, return_index=True)
+        coords, ring_of = shapely.get_coordinates(rings, return_index=True)
+        sizes = np.bincount(ring_of, minlength=len(rings)) - 1
+        is_open = np.ones(len(coords), dtype=bool)
+        is_open[np.cumsum(sizes + 1) - 1] = False
+        return cls(coords[is_open].astype(np.int64), sizes, np.bincount(owner, minlength=len(polygons)))
+
+    def __len__(self) -> int:
+        return len(self.ring_counts)
+
+    def ring_starts(self) -> np.ndarray:
+        return np.cumsum(self.ring_sizes) - self.ring_sizes
+
+    def shell_rings(self) -> np.ndarray:
+        return np.cumsum(self.ring_counts) - self.ring_counts
+
+    def take(self, which: np.ndarray) -> "Rag":
+        """The polygons at these indices (or this mask), in order."""
+        which = np.flatnonzero(which) if np.asarray(which).dtype == bool else np.asarray(which, dtype=np.int64)
+        ring, k = _runs(self.ring_counts[which])
+        rings = self.shell_rings()[which][ring] + k
+        vertex, j = _runs(self.ring_sizes[rings])
+        return Rag(self.xy[self.ring_starts()[rings][vertex] + j], self.ring_sizes[rings], self.ring_counts[which])
+
+    def closed_xy(self) -> np.ndarray:
+        """Vertices with each ring's first repeated at its end."""
+        ring, k = _runs(self.ring_sizes + 1)
+        return self.xy[self.ring_starts()[ring] + k % self.ring_sizes[ring]]
+
+    def ring_areas2(self, xy: np.ndarray | None = None) -> np.ndarray:
+        """Twice each ring's signed area (shoelace; exact for integer corners)."""
+        xy = self.xy if xy is None else xy
+        ring, pos = _runs(self.ring_sizes)
+        nxt = self.ring_starts()[ring] + (pos + 1) % self.ring_sizes[ring]
+        cross = xy[:, 0] * xy[nxt, 1] - xy[nxt, 0] * xy[:, 1]
+        return np.bincount(ring, weights=cross, minlength=len(self.ring_sizes))
+
+    def areas(self, xy: np.ndarray | None = None) -> np.ndarray:
+        """Polygon areas: the shell's less the holes' (rings may turn either way)."""
+        ring_area = np.abs(self.ring_areas2(xy)) / 2
+        owner = np.repeat(np.arange(len(self)), self.ring_counts)
+        shell = np.zeros(len(ring_area), dtype=bool)
+        shell[self.shell_rings()] = True
+        return np.bincount(owner, weights=np.where(shell, ring_area, -ring_area), minlength=len(self))
+
+    def to_shapely(self, xy: np.ndarray | None = None) -> np.ndarray:
+        if len(self) == 0:
+            return np.empty(0, dtype=object)
+        closed = Rag(self.xy if xy is None else xy, self.ring_sizes, self.ring_counts).closed_xy()
+        offsets = (np.r_[0, np.cumsum(self.ring_sizes + 1)], np.r_[0, np.cumsum(self.ring_counts)])
+        return shapely.from_ragged_array(shapely.GeometryType.POLYGON, closed.astype(np.float64), offsets)
 
 
 def merge_seam_pieces(pieces: Sequence[shapely.Polygon], seam_rows: Iterable[int]) -> shapely.Polygon | None:
@@ -29,28 +121,44 @@ def merge_seam_pieces(pieces: Sequence[shapely.Polygon], seam_rows: Iterable[int
     ``pieces`` are parts of one 4-connected region, each polygonized inside one strip of rows;
     ``seam_rows`` are the row coordinates where strips meet. None means an invariant of that
     setting did not hold (a vertex that cannot be linked, not exactly one outer ring); the caller
-    then falls back to a general union. Vectorized throughout but for one loop over integers:
-    a speckled region can have hundreds of thousands of holes and pinches.
+    then falls back to a general union. See :func:`merge_rag`.
     """
-    polys = shapely.orient_polygons(np.asarray(pieces, dtype=object))  # shells CCW, holes CW
-    rings = shapely.get_rings(polys)
-    coords, ring_of = shapely.get_coordinates(rings, return_index=True)
-    # Ring vertices without the closing repeat; exact integers (every vertex is a pixel corner).
-    size = np.bincount(ring_of, minlength=len(rings)) - 1
-    is_open = np.ones(len(coords), dtype=bool)
-    is_open[np.cumsum(size + 1) - 1] = False
-    xy = coords[is_open].astype(np.int64)
+    merged = merge_rag(Rag.from_shapely(pieces), seam_rows)
+    return None if merged is None else merged.to_shapely()[0]
+
+
+def merge_rag(pieces: Rag, seam_rows: Iterable[int]) -> Rag | None:
+    """:func:`merge_seam_pieces` on flat arrays: one polygon, or None.
+
+    Vectorized throughout but for one loop over integers: a speckled region can have hundreds of
+    thousands of holes and pinches.
+    """
+    seams = sorted_unique(np.fromiter(seam_rows, dtype=np.int64))
+    sizes_all, starts_all = pieces.ring_sizes, pieces.ring_starts()
+    is_shell = np.zeros(len(sizes_all), dtype=bool)
+    is_shell[pieces.shell_rings()] = True
+    # A ring that reaches no seam is a hole closed inside its strip: copied as it is, and left
+    # out of the work (a speckled region has many). Only shells reach the seams.
+    ring_all, pos_all = _runs(sizes_all)
+    y = pieces.xy[:, 1]
+    reaches = np.bincount(ring_all, weights=np.isin(y, seams), minlength=len(sizes_all)) > 0
+    aside = np.flatnonzero(~reaches)
+    work = np.flatnonzero(reaches)
+    # Shells counter-clockwise, holes clockwise (x right, y down: the shoelace sign flips, but
+    # only consistency matters to the linking).
+    flip = (Rag(pieces.xy, sizes_all, np.ones(len(sizes_all), dtype=np.int64)).ring_areas2()[work] > 0) != is_shell[work]
+    size = sizes_all[work]
     ring, pos = _runs(size)
+    src_pos = np.where(flip[ring], size[ring] - 1 - pos, pos)
+    xy = pieces.xy[starts_all[work][ring] + src_pos]
     first = np.cumsum(size) - size  # index of each ring's first vertex in xy
 
     # Rings are cut where the union may link them differently from the pieces: on the seams,
     # and at every vertex the rings pass more than once (pinches between or inside pieces).
-    seams = np.unique(np.fromiter(seam_rows, dtype=np.int64))
     on_seam = np.isin(xy[:, 1], seams)
     _, vertex, passes = np.unique(_keys(xy), return_inverse=True, return_counts=True)
     cut = on_seam | (passes[vertex] > 1)
-    touches = np.bincount(ring, weights=cut, minlength=len(rings)) > 0
-
+    touches = np.bincount(ring, weights=cut, minlength=len(size)) > 0
     # Parts of the rings between consecutive cuts (cyclically within a ring).
     starts = np.flatnonzero(cut)  # in ring order, then position
     part_ring = ring[starts]
@@ -111,13 +219,17 @@ def merge_seam_pieces(pieces: Sequence[shapely.Polygon], seam_rows: Iterable[int
     cycle_sizes = np.add.reduceat(lens, np.cumsum(cycle_chains) - cycle_chains)
     if _passes_a_vertex_twice(cycle_xy, cycle_sizes):
         return None  # pieces meeting only at a corner: not one 4-connected region
-    new_rings, positive = _rings_from_cycles(cycle_xy, cycle_sizes)
+    ring_xy, ring_sizes, positive = _rings_from_cycles(cycle_xy, cycle_sizes)
     if positive.sum() != 1:  # exactly one outer ring: the region is 4-connected
         return None
     # A ring without cuts is a hole, copied as it is: a piece's shell always reaches a seam
     # (or the piece would not need merging), and a hole is closed inside its strip.
-    holes = np.concatenate([new_rings[~positive], rings[~touches]])
-    return shapely.polygons(new_rings[positive][0], holes=holes if len(holes) else None)
+    order = np.r_[np.flatnonzero(positive), np.flatnonzero(~positive)]
+    new = Rag(ring_xy, ring_sizes, np.ones(len(ring_sizes), dtype=np.int64)).take(order)
+    kept_rings = np.r_[work[~touches], aside]
+    kept = Rag(pieces.xy, sizes_all, np.ones(len(sizes_all), dtype=np.int64)).take(kept_rings)
+    return Rag(np.concatenate([new.xy, kept.xy]), np.concatenate([new.ring_sizes, kept.ring_sizes]),
+               np.array([len(order) + len(kept_rings)], dtype=np.int64))
 
 
 def _runs(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -189,10 +301,10 @@ def _passes_a_vertex_twice(xy: np.ndarray, sizes: np.ndarray) -> bool:
     return bool(((keys[1:] == keys[:-1]) & (cycle[1:] == cycle[:-1])).any())
 
 
-def _rings_from_cycles(xy: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Linear rings from vertex cycles (consecutive in ``xy``, not closed), keeping only the
-    vertices where a ring turns (seam edges were split into unit edges), and whether each ring
-    is counter-clockwise."""
+def _rings_from_cycles(xy: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rings from vertex cycles (consecutive in ``xy``, not closed), keeping only the vertices
+    where a ring turns (seam edges were split into unit edges): their vertices, sizes, and
+    whether each ring turns the way shells were oriented."""
     ring_id, offset = _runs(sizes)
     ring_start = np.arange(len(xy)) - offset
     previous = ring_start + (offset - 1) % sizes[ring_id]
@@ -202,5 +314,320 @@ def _rings_from_cycles(xy: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, n
     # Twice the signed area (shoelace): sums of integers far inside float64's exact range.
     cross = xy[:, 0] * xy[following, 1] - xy[following, 0] * xy[:, 1]
     positive = np.bincount(ring_id, weights=cross, minlength=len(sizes)) > 0
-    rings = shapely.linearrings(xy[turns].astype(np.float64), indices=ring_id[turns])
-    return rings, positive
+    return xy[turns], np.bincount(ring_id[turns], minlength=len(sizes)), positive
+
+
+# ----------------------------------------------------------------------------- coverage simplification
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it permutes the uint64 values
+_NEVER = np.iinfo(np.int64).max
+
+
+def node_positions(above: np.ndarray, below: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes of the pixel-edge network on vertex rows between pixel rows ``above`` and ``below``.
+
+    ``above[i]`` and ``below[i]`` are the class rows just above and just below vertex row i (255
+    for nodata and for outside the raster). Vertex (row i, x) is a node when three or four of the
+    unit edges that meet there separate different classes (three or more regions meet, or one
+    region touches itself diagonally). Returns (rows, xs), row-major.
+    """
+    rows, width = above.shape
+    pad = np.full((rows, 1), 255, dtype=above.dtype)
+    a = np.concatenate([pad, above, pad], axis=1)
+    b = np.concatenate([pad, below, pad], axis=1)
+    degree = (a[:, :-1] != a[:, 1:]).astype(np.uint8)  # up: the two pixels above the vertex
+    degree += b[:, :-1] != b[:, 1:]  # down
+    degree += a[:, :-1] != b[:, :-1]  # left
+    degree += a[:, 1:] != b[:, 1:]  # right
+    return np.nonzero(degree >= 3)
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique`` of a 1-d array by sorting (numpy 2.4's hash-based ``np.unique`` takes
+    seconds on a few million int64)."""
+    values = np.sort(values)
+    return values[np.r_[True, values[1:] != values[:-1]]] if len(values) else values
+
+
+def _isin_sorted(values: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    if len(sorted_keys) == 0:
+        return np.zeros(len(values), dtype=bool)
+    i = np.minimum(np.searchsorted(sorted_keys, values), len(sorted_keys) - 1)
+    return sorted_keys[i] == values
+
+
+def _yx_keys(xy: np.ndarray) -> np.ndarray:
+    return (xy[:, 1] << 32) + xy[:, 0]
+
+
+def _ext_gcd(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(s, t) with a*s + b*t = 1 for coprime a, b (either sign), elementwise."""
+    old_r, r = np.abs(a), np.abs(b)
+    old_s, s = np.ones_like(a), np.zeros_like(a)
+    old_t, t = np.zeros_like(a), np.ones_like(a)
+    while (r != 0).any():
+        going = r != 0
+        q = np.where(going, old_r // np.where(going, r, 1), 0)
+        old_r, r = np.where(going, r, old_r), np.where(going, old_r - q * r, r)
+        old_s, s = np.where(going, s, old_s), np.where(going, old_s - q * s, s)
+        old_t, t = np.where(going, t, old_t), np.where(going, old_t - q * t, t)
+    return old_s * np.where(a < 0, -1, 1), old_t * np.where(b < 0, -1, 1)
+
+
+def _empty_triangles(p: np.ndarray, v: np.ndarray, n: np.ndarray, area2: np.ndarray,
+                     keys: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Whether each closed triangle (p, v, n) holds no present vertex but its corners.
+
+    All vertices are lattice points, so only lattice points need testing: those on the base p-n,
+    and, when twice the area is 3 or more (Pick's theorem: below that a triangle has no interior
+    lattice point), those inside. Points on the sides p-v and v-n lie on existing edges, which
+    no vertex can. Lattice points are enumerated in the unimodular basis (d0, e) where d0 is the
+    base direction reduced by its gcd g and cross(d0, e) = 1: the triangle spans the lattice
+    lines at heights 0 .. |H| parallel to the base, each one an interval of integers.
+    """
+    ok = np.ones(len(p), dtype=bool)
+    d = n - p
+    g = np.gcd(d[:, 0], d[:, 1])
+    need = (area2 > 0) & ((g > 1) | (area2 >= 3))
+    if not need.any():
+        return ok
+    idx = np.flatnonzero(need)
+    p, v, d, g, area2 = p[idx], v[idx], d[idx], g[idx], area2[idx]
+    d0 = d // g[:, None]
+    owner_parts, point_parts = [], []
+    # Height 0: the base, t = 1 .. g-1.
+    run, t = _runs(np.maximum(g - 1, 0))
+    owner_parts.append(run)
+    point_parts.append(p[run] + (t + 1)[:, None] * d0[run])
+    inner = np.flatnonzero(area2 >= 3)
+    if len(inner):
+        pi, vi, d0i, gi = p[inner], v[inner], d0[inner], g[inner]
+        s, t_ = _ext_gcd(d0i[:, 0], d0i[:, 1])
+        e = np.stack([-t_, s], 1)  # cross(d0, e) = d0x*s + d0y*t = 1
+        w = vi - pi
+        h = d0i[:, 0] * w[:, 1] - d0i[:, 1] * w[:, 0]
+        sign = np.where(h < 0, -1, 1)
+        e = e * sign[:, None]
+        hm = np.abs(h)
+        tv = sign * (w[:, 0] * e[:, 1] - w[:, 1] * e[:, 0])  # w = tv*d0 + hm*e
+        level_of, k = _runs(np.maximum(hm - 1, 0))
+        lev = k + 1
+        hm_l, tv_l, g_l = hm[level_of], tv[level_of], gi[level_of]
+        lo = -((-tv_l * lev) // hm_l)
+        hi = (g_l * hm_l + (tv_l - g_l) * lev) // hm_l
+        seg, tt = _runs(np.maximum(hi - lo + 1, 0))
+        tri = level_of[seg]
+        owner_parts.append(inner[tri])
+        point_parts.append(pi[tri] + (lo[seg] + tt)[:, None] * d0i[tri] + lev[seg][:, None] * e[tri])
+    owner = np.concatenate(owner_parts)
+    points = np.concatenate(point_parts)
+    if len(points) == 0:
+        return ok
+    pk = _keys(points)
+    at = np.minimum(np.searchsorted(keys, pk), len(keys) - 1)
+    blocked = (keys[at] == pk) & present[at]
+    ok[idx[owner[blocked]]] = False
+    return ok
+
+
+def _visvalingam(xy: np.ndarray, prev: np.ndarray, nxt: np.ndarray, active: np.ndarray,
+                 chain: np.ndarray, remaining: np.ndarray, min_keep: np.ndarray, vertex_keys: np.ndarray,
+                 keys: np.ndarray, present: np.ndarray, limit2: float) -> np.ndarray:
+    """Remove vertices in rounds of Visvalingam-Whyatt; returns the removed mask.
+
+    A vertex is removable while twice its triangle's area is at most ``limit2`` and the triangle
+    holds no other present vertex (``_empty_triangles``): then the new edge crosses no other edge
+    and passes through no vertex, so the network stays planar and every ring stays simple. Each
+    round removes the removable vertices whose (area, scrambled position) is below both ring
+    neighbours', so no two neighbours go at once, and at most ``remaining - min_keep`` per chain.
+    """
+    n = len(xy)
+    prev, nxt = prev.copy(), nxt.copy()
+    slot = np.searchsorted(keys, vertex_keys)
+    tie = vertex_keys.astype(np.uint64) * _MIX  # distinct for distinct positions
+    rank = np.full(n, _NEVER, dtype=np.int64)  # twice the area of a removable vertex
+    removed = np.zeros(n, dtype=bool)
+    todo = np.flatnonzero(active)
+    while True:
+        if len(todo):
+            a, b, c = xy[prev[todo]], xy[todo], xy[nxt[todo]]
+            area2 = np.abs((b[:, 0] - a[:, 0]) * (c[:, 1] - b[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - b[:, 0]))
+            rank[todo] = _NEVER
+            small = area2 <= limit2
+            cand = todo[small]
+            fine = _empty_triangles(a[small], b[small], c[small], area2[small], keys, present)
+            rank[cand[fine]] = area2[small][fine]
+        cand = np.flatnonzero(rank != _NEVER)
+        if len(cand) == 0:
+            break
+        r, tp, tn = rank[cand], prev[cand], nxt[cand]
+        below_prev = (r < rank[tp]) | ((r == rank[tp]) & (tie[cand] < tie[tp]))
+        below_next = (r < rank[tn]) | ((r == rank[tn]) & (tie[cand] < tie[tn]))
+        sel = cand[below_prev & below_next]
+        ch = chain[sel]
+        allowed = remaining - min_keep
+        per_chain = np.bincount(ch, minlength=len(remaining))
+        if (per_chain > allowed).any():
+            order = np.lexsort((rank[sel], ch))
+            sel, ch = sel[order], ch[order]
+            first_of_chain = np.r_[True, ch[1:] != ch[:-1]]
+            start = np.flatnonzero(first_of_chain)[np.cumsum(first_of_chain) - 1]
+            keep = np.arange(len(sel)) - start < allowed[ch]
+            sel, ch = sel[keep], ch[keep]
+        if len(sel) == 0:
+            break
+        removed[sel] = True
+        rank[sel] = _NEVER
+        present[slot[sel]] = False
+        p, q = prev[sel], nxt[sel]
+        nxt[p] = q
+        prev[q] = p
+        remaining = remaining - np.bincount(ch, minlength=len(remaining))
+        todo = np.concatenate([p, q])  # repeats are harmless
+        todo = todo[active[todo] & ~removed[todo]]
+    return removed
+
+
+class CoverageSimplifier:
+    """Visvalingam-Whyatt simplification of a pixel-polygon coverage, batch by batch, each shared
+    edge chain once, so that neighbours keep meeting without gaps or overlaps.
+
+    Works on polygons in pixel coordinates (integer corners) as ``polygonize`` streams them:
+    :meth:`add_nodes` with the nodes of each vertex row as the rows are read, :meth:`simplify`
+    with each batch of finished polygons and the vertex keys of the polygons still open (pieces
+    of regions that continue below). The edge network is cut into chains at the nodes (where three
+    regions meet or one touches itself diagonally, from the raster, so that a node on the straight
+    side of a neighbour is found too and inserted into its ring). A chain between a finished
+    polygon and an open one is simplified with the first of them and remembered (its key and the
+    positions it lost) until the second is finished; a chain along nodata or the scene edge is
+    left as it is, so the union of the polygons stays the valid area. Chains keep enough vertices
+    that no polygon collapses onto its neighbour or to nothing (see :meth:`simplify`).
+    """
+
+    def __init__(self, area_limit: float):
+        self.limit2 = 2.0 * area_limit * (1 + 1e-9)  # twice the area (an integer per triangle)
+        self.nodes_xy = np.zeros(0, dtype=np.int64)  # _keys, sorted
+        self.nodes_yx = np.zeros(0, dtype=np.int64)  # _yx_keys, sorted
+        self.done = np.zeros(0, dtype=np.int64)  # keys of chains simplified, other side open
+        self.lost = np.zeros(0, dtype=np.int64)  # positions those chains lost
+
+    def add_nodes(self, ys: np.ndarray, xs: np.ndarray) -> None:
+        """Nodes on vertex rows below every row added so far (row-major)."""
+        if len(ys) == 0:
+            return
+        xy = np.stack([np.asarray(xs, dtype=np.int64), np.asarray(ys, dtype=np.int64)], 1)
+        self.nodes_yx = np.concatenate([self.nodes_yx, _yx_keys(xy)])
+        self.nodes_xy = np.sort(np.concatenate([self.nodes_xy, _keys(xy)]))
+
+    def forget_above(self, y: int) -> None:
+        """Drop the nodes above vertex row ``y`` (no polygon still to come reaches there)."""
+        self.nodes_yx = self.nodes_yx[np.searchsorted(self.nodes_yx, np.int64(y) << 32):]
+        self.nodes_xy = self.nodes_xy[(self.nodes_xy & 0xFFFFFFFF) >= y]
+
+    def simplify(self, polygons: Rag, open_keys: np.ndarray) -> Rag:
+        """The batch's polygons, simplified. ``open_keys``: sorted unique ``_keys`` of every vertex
+        of the polygons still open, so that chains shared with them are told from chains along
+        nodata, and so that their vertices count in the emptiness test."""
+        if len(polygons) == 0:
+            return polygons
+        xy, size = self._insert_nodes(polygons.xy, polygons.ring_sizes)
+        ring, pos = _runs(size)
+        first = np.cumsum(size) - size
+        nxt = first[ring] + (pos + 1) % size[ring]
+        prev = first[ring] + (pos - 1) % size[ring]
+        vkeys = _keys(xy)
+        node = _isin_sorted(vkeys, self.nodes_xy)
+
+        # Chains: a ring is cut at its nodes; the vertices before a ring's first node belong to
+        # the chain from its last node. A ring without nodes is one closed chain.
+        nodes_in_ring = np.bincount(ring, weights=node, minlength=len(size)).astype(np.int64)
+        seen = np.cumsum(node) - (np.cumsum(node) - node)[first][ring]  # nodes up to here
+        local = np.where(seen == 0, np.maximum(nodes_in_ring[ring], 1), seen) - 1
+        chains_in_ring = np.maximum(nodes_in_ring, 1)
+        chain = (np.cumsum(chains_in_ring) - chains_in_ring)[ring] + local
+        n_chains = int(chains_in_ring.sum())
+        interior = ~node
+        count = np.bincount(chain[interior], minlength=n_chains)
+        chain_key = np.full(n_chains, _NEVER, dtype=np.int64)
+        np.minimum.at(chain_key, chain[interior], vkeys[interior])
+        kind = nodes_in_ring[np.repeat(np.arange(len(size)), chains_in_ring)]
+
+        # Each chain is simplified once: where it first appears, if both sides are polygons.
+        real = np.flatnonzero(count > 0)
+        uniq, first_at, inverse, uses = np.unique(chain_key[real], return_index=True,
+                                                  return_inverse=True, return_counts=True)
+        was_done = _isin_sorted(uniq, self.done)
+        open_side = (uses == 1) & ~was_done & _isin_sorted(uniq, open_keys)
+        todo_u = ~was_done & ((uses == 2) | open_side)
+        primary = np.zeros(n_chains, dtype=bool)
+        primary[real[first_at[todo_u]]] = True
+        # What a chain keeps: a ring without nodes 3 vertices, a loop from a node back to
+        # itself 2; a chain that is one of a ring's two chains keeps 1, so that the two never
+        # both become the straight line between their nodes (that polygon would collapse), and
+        # so does one whose far side is open (its ring is not known yet). Any other may go straight.
+        twin = np.zeros(len(uniq), dtype=bool)
+        np.logical_or.at(twin, inverse, kind[real] == 2)
+        keep_u = np.select([kind[real[first_at]] == 0, kind[real[first_at]] == 1, twin | open_side],
+                           [3, 2, 1], 0)
+        min_keep = np.zeros(n_chains, dtype=np.int64)
+        min_keep[real] = keep_u[inverse]
+
+        all_keys = sorted_unique(np.concatenate([vkeys, open_keys]))
+        present = ~_isin_sorted(all_keys, self.lost)
+        active = interior & primary[chain]
+        removed = _visvalingam(xy, prev, nxt, active, chain, count.copy(), min_keep, vkeys,
+                               all_keys, present, self.limit2)
+
+        # Remember what open neighbours need; forget what the batch closed.
+        gone_now = vkeys[removed]
+        closing = np.zeros(n_chains, dtype=bool)
+        closing[real[was_done[inverse]]] = True
+        closing_keys = sorted_unique(chain_key[closing])
+        closing_positions = vkeys[interior & closing[chain]]
+        old_lost = self.lost
+        keep_lost = ~_isin_sorted(old_lost, sorted_unique(closing_positions))
+        opening = np.zeros(n_chains, dtype=bool)
+        opening[real[first_at[open_side]]] = True
+        self.done = sorted_unique(np.concatenate([self.done[~_isin_sorted(self.done, closing_keys)],
+                                                  chain_key[opening]]))
+        self.lost = sorted_unique(np.concatenate([old_lost[keep_lost], vkeys[removed & opening[chain]]]))
+
+        drop = sorted_unique(np.concatenate([gone_now, old_lost]))
+        kept = ~_isin_sorted(vkeys, drop)
+        return Rag(xy[kept], np.bincount(ring[kept], minlength=len(size)), polygons.ring_counts)
+
+    def _insert_nodes(self, xy: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every node that lies inside a ring edge (a T-junction: a neighbour's corner on this
+        polygon's straight side) becomes a vertex of that edge."""
+        if len(self.nodes_yx) == 0:
+            return xy, size
+        ring, pos = _runs(size)
+        first = np.cumsum(size) - size
+        b = xy[first[ring] + (pos + 1) % size[ring]]
+        a = xy
+        horizontal = a[:, 1] == b[:, 1]
+        lo = np.minimum(a, b) + 1
+        hi = np.maximum(a, b) - 1
+        # Horizontal edges search the nodes by (y, x), vertical ones by (x, y).
+        table = np.where(horizontal, 0, 1)
+        lo_key = np.where(horizontal, (a[:, 1] << 32) + lo[:, 0], (a[:, 0] << 32) + lo[:, 1])
+        hi_key = np.where(horizontal, (a[:, 1] << 32) + hi[:, 0], (a[:, 0] << 32) + hi[:, 1])
+        left = np.where(horizontal, np.searchsorted(self.nodes_yx, lo_key, "left"),
+                        np.searchsorted(self.nodes_xy, lo_key, "left"))
+        right = np.where(horizontal, np.searchsorted(self.nodes_yx, hi_key, "right"),
+                         np.searchsorted(self.nodes_xy, hi_key, "right"))
+        extra = np.maximum(right - left, 0)
+        if not extra.any():
+            return xy, size
+        forward = np.where(horizontal, b[:, 0] > a[:, 0], b[:, 1] > a[:, 1])
+        owner, k = _runs(extra)
+        at = np.where(forward[owner], left[owner] + k, right[owner] - 1 - k)
+        from_yx = table[owner] == 0
+        key = np.where(from_yx, self.nodes_yx[np.where(from_yx, at, 0)], self.nodes_xy[np.where(from_yx, 0, at)])
+        hi32, lo32 = key >> 32, key & 0xFFFFFFFF
+        inserted = np.stack([np.where(from_yx, lo32, hi32), np.where(from_yx, hi32, lo32)], 1)
+        start = np.cumsum(1 + extra) - (1 + extra)
+        out = np.empty((len(xy) + len(inserted), 2), dtype=np.int64)
+        out[start] = xy
+        out[start[owner] + 1 + k] = inserted
+        return out, size + np.bincount(ring, weights=extra, minlength=len(size)).astype(np.int64)
