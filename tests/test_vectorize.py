@@ -27,6 +27,7 @@ from rsseg.inference.vectorize import (
     polygonize_whole,
     read_classes_file,
     vectorize_raster,
+    vectorize_to_file,
     write_vectors,
 )
 
@@ -305,3 +306,154 @@ def test_an_ungeoreferenced_class_raster_gives_polygons_where_qgis_draws_it(tmp_
     block = gdf[gdf.class_id == 1].geometry.union_all()
     assert block.bounds == (0.0, -4.0, 5.0, 0.0)
     assert gdf.geometry.union_all().bounds == (0.0, -12.0, 20.0, 0.0)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def _read_back(path: Path) -> gpd.GeoDataFrame:
+    if path.suffix == ".parquet":
+        return gpd.read_parquet(path)
+    return gpd.read_file(path, layer=path.stem) if path.suffix == ".gpkg" else gpd.read_file(path)
+
+
+def _whole_in_map_units(path: Path):
+    """Whole-raster polygonization moved to the raster's map coordinates (exact for these grids)."""
+    geoms, ids = polygonize_whole(path)
+    with rasterio.open(path) as ds:
+        t = ds.transform
+    return shapely.transform(np.asarray(geoms, dtype=object), lambda xy: xy * [t.a, t.e] + [t.c, t.f]), ids
+
+
+@pytest.mark.parametrize("kind", ["blobs", "salt_and_pepper"])
+@pytest.mark.parametrize("block_rows", [1, 2, 5, 16, 1000])
+def test_streamed_file_equals_whole_raster_polygonization(tmp_path, kind, block_rows):
+    """Unsimplified, the file written strip by strip holds exactly GDAL's whole-raster polygons
+    (normalized WKB), with nodata holes inside and strips down to one row."""
+    classes = blobs(90, 70, seed=block_rows) if kind == "blobs" else salt_and_pepper(57, 49, block_rows)
+    classes[10:25, 5:30] = 255
+    classes[40:44, 40:] = 255
+    path = write_classes(tmp_path / "c.tif", classes)
+    files, n = vectorize_to_file(path, tmp_path / "v.gpkg", simplify=0, block_rows=block_rows)
+    back = _read_back(tmp_path / "v.gpkg")
+    geoms, ids = _whole_in_map_units(path)
+    assert n == len(back) == len(geoms)
+    assert normalized(back.geometry.to_numpy(), back.class_id.tolist()) == normalized(geoms, ids)
+    np.testing.assert_allclose(back.area_m2, back.geometry.area)
+
+
+def _assert_valid_coverage(geoms: np.ndarray, valid_area: float, exact_union=None) -> None:
+    assert shapely.is_valid(geoms).all()
+    assert (shapely.get_type_id(geoms) == 3).all()  # polygons, none collapsed
+    union = shapely.union_all(geoms)
+    # No overlaps: the parts add up to their union; no gaps: the union is the valid area.
+    assert shapely.area(geoms).sum() == pytest.approx(union.area, rel=1e-9)
+    assert union.area == pytest.approx(valid_area, rel=1e-9)
+    assert shapely.coverage_is_valid(geoms)  # neighbours share their vertices (noded)
+    if exact_union is not None:  # nodata and scene edges are not simplified
+        assert shapely.equals(union, exact_union)
+
+
+@pytest.mark.parametrize("kind", ["blobs", "salt_and_pepper", "speckle"])
+@pytest.mark.parametrize("block_rows", [1, 3, 16, 1000])
+def test_simplified_output_is_a_valid_coverage(tmp_path, kind, block_rows):
+    if kind == "blobs":
+        classes = blobs(100, 80, seed=block_rows)
+    elif kind == "salt_and_pepper":
+        classes = salt_and_pepper(60, 50, block_rows)
+    else:  # above the percolation threshold: one region with holes and pinches everywhere
+        classes = (np.random.default_rng(block_rows).random((70, 60)) < 0.7).astype(np.uint8)
+    classes[15:30, 10:35] = 255
+    classes[:, :3] = 255
+    path = write_classes(tmp_path / "c.tif", classes)
+    raw = vectorize_raster(path, simplify=0)
+    files, n = vectorize_to_file(path, tmp_path / "s.gpkg", block_rows=block_rows)
+    simple = _read_back(tmp_path / "s.gpkg")
+    assert n == len(simple) == len(raw)
+    geoms = simple.geometry.to_numpy()
+    _assert_valid_coverage(geoms, (classes != 255).sum() * 0.25, shapely.union_all(raw.geometry.to_numpy()))
+    # Tiny strips simplify a little less (a chain shared with a region still open keeps a vertex).
+    kept = shapely.get_num_coordinates(geoms).sum() / shapely.get_num_coordinates(raw.geometry.to_numpy()).sum()
+    assert kept < (0.9 if block_rows >= 16 else 0.96)
+    np.testing.assert_allclose(simple.area_m2, simple.geometry.area)
+    # The GeoDataFrame API runs the same pipeline.
+    same = vectorize_raster(path, block_rows=block_rows)
+    assert normalized(same.geometry.to_numpy(), same.class_id.tolist()) == normalized(geoms, simple.class_id.tolist())
+
+
+@pytest.mark.parametrize("tolerance", [0.5, 1.0, 2.5])
+def test_larger_tolerances_and_rectangular_pixels_keep_a_valid_coverage(tmp_path, tolerance):
+    """Tolerances of several pixels (triangles that can hold lattice points inside, not only on
+    their base) on pixels 0.5 m x 0.8 m."""
+    classes = blobs(90, 90, seed=7, classes=3)
+    classes[30:50, 30:50] = 255
+    path = tmp_path / "c.tif"
+    with rasterio.open(path, "w", driver="GTiff", height=90, width=90, count=1, dtype="uint8", nodata=255,
+                       crs="EPSG:32618", transform=rasterio.Affine(0.5, 0, 400000, 0, -0.8, 5000000)) as dst:
+        dst.write(classes, 1)
+    raw = vectorize_raster(path, simplify=0)
+    simple = vectorize_raster(path, simplify=tolerance, block_rows=11)
+    geoms = simple.geometry.to_numpy()
+    _assert_valid_coverage(geoms, (classes != 255).sum() * 0.4, shapely.union_all(raw.geometry.to_numpy()))
+    assert len(simple) == len(raw)
+
+
+def test_streamed_writer_holds_a_bounded_number_of_polygons(tmp_path, monkeypatch):
+    """Polygons reach the writer strip by strip while the raster is still being read, in batches
+    of about one strip's polygons; the pieces held open do not grow with the raster's height."""
+    from rsseg.inference import vectorize as v
+
+    events: list[tuple[str, int]] = []
+    real_read, real_write = v._StripPolygonizer._read_strip, v._write_stream
+
+    def read_strip(self, top, n):
+        events.append(("read", len(self.pieces)))
+        return real_read(self, top, n)
+
+    def write_stream(staged, driver, layer, crs_wkt, batches):
+        def counted():
+            for batch in batches:
+                events.append(("write", batch.num_rows))
+                yield batch
+        real_write(staged, driver, layer, crs_wkt, counted())
+
+    monkeypatch.setattr(v._StripPolygonizer, "_read_strip", read_strip)
+    monkeypatch.setattr(v, "_write_stream", write_stream)
+    peaks = {}
+    for height in (160, 640):
+        events.clear()
+        path = write_classes(tmp_path / f"c{height}.tif", blobs(height, 60, seed=1))
+        _, n = vectorize_to_file(path, tmp_path / f"v{height}.gpkg", block_rows=8)
+        reads = [held for what, held in events if what == "read"]
+        writes = [rows for what, rows in events if what == "write"]
+        assert len(reads) == height // 8 and sum(writes) == n
+        assert len(writes) >= len(reads) - 2  # a batch after (nearly) every strip
+        first_write = next(i for i, (what, _) in enumerate(events) if what == "write")
+        assert sum(what == "read" for what, _ in events[first_write:]) >= len(reads) - 2  # streamed
+        assert max(writes) <= 3 * n / len(reads)  # never much more than a strip's polygons at once
+        peaks[height] = max(reads)
+    assert peaks[640] <= 1.5 * peaks[160] + 10  # open pieces: bounded by the width, not the height
+
+
+@pytest.mark.parametrize("suffix", [".gpkg", ".fgb", ".parquet"])
+def test_an_error_midway_leaves_no_output_and_no_partial(tmp_path, monkeypatch, suffix):
+    from rsseg.inference import vectorize as v
+
+    path = write_classes(tmp_path / "c.tif", blobs(120, 60, seed=2))
+    real_read = v._StripPolygonizer._read_strip
+    calls = []
+
+    def failing_read(self, top, n):
+        calls.append(top)
+        if len(calls) == 5:
+            raise DataError("the disk went away")
+        return real_read(self, top, n)
+
+    monkeypatch.setattr(v._StripPolygonizer, "_read_strip", failing_read)
+    out = tmp_path / f"v{suffix}"
+    with pytest.raises(DataError, match="disk went away"):
+        vectorize_to_file(path, out, block_rows=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tif"]  # no output, no partial, no .qml
+    monkeypatch.setattr(v._StripPolygonizer, "_read_strip", real_read)
+    files, n = vectorize_to_file(path, out, block_rows=10)
+    assert files[0] == out and len(_read_back(out)) == n > 0
