@@ -158,6 +158,13 @@ def adaptive_dilation(
     return rows, cols
 
 
+def _common_dtype(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Both in their promoted dtype: the hand-written backwards write into buffers of one
+    input's dtype, which fails under autocast (float32 softmax weights, bfloat16 values)."""
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(dtype)
+
+
 def neighbourhood_attention_map(
     q: Tensor,
     k: Tensor,
@@ -173,6 +180,7 @@ def neighbourhood_attention_map(
     """
     _, _, h, w, _ = q.shape
     idx_r, valid_r, bias_r, idx_c, valid_c, bias_c = neighbourhood_tables(h, w, kernel, dilation, q.device)
+    q, k = _common_dtype(q, k)
     logits = _NeighbourQK.apply(q, k, idx_r, idx_c)
     if rpb is not None:
         # bias[n, i, j, ki, kj] = rpb[n, bias_r[i, ki], bias_c[j, kj]]
@@ -192,6 +200,7 @@ def neighbourhood_aggregate(attn: Tensor, v: Tensor, kernel: int, dilation: tupl
     """
     _, _, h, w, _ = v.shape
     idx_r, _, _, idx_c, _, _ = neighbourhood_tables(h, w, kernel, dilation, v.device)
+    attn, v = _common_dtype(attn, v)
     return _NeighbourAV.apply(attn, v, idx_r, idx_c)
 
 

@@ -167,6 +167,14 @@ def _fused_choice(name: str, u: Tensor, A: Tensor, strict: bool) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
+# torch.compile never traces into the scan: every backend is a hand-written kernel or an
+# autograd.Function with Python loops (numba, mamba-ssm, Triton, the chunked torch scan) that
+# inductor cannot improve, and tracing the numba dispatcher crashes dynamo. One graph break per
+# call; the model around it still compiles (docs/gpu.md).
+_NOT_TRACED = "rsseg's selective scan runs its own kernels"
+
+
+@torch.compiler.disable(reason=_NOT_TRACED)
 def selective_scan(
     u: Tensor,
     delta: Tensor,
@@ -211,6 +219,7 @@ def selective_scan(
     return (y, last) if return_last_state else y
 
 
+@torch.compiler.disable(reason=_NOT_TRACED)
 def selective_scan_states(
     u: Tensor,
     delta: Tensor,
