@@ -100,7 +100,14 @@ class TrainConfig:
     devices: int | str = "auto"
     num_nodes: int = 1
     accelerator: str = "auto"
-    precision: str | None = None  # None: "16-mixed" on CUDA, "32-true" elsewhere
+    # None: "bf16-mixed" on CUDA GPUs with bfloat16 (Ampere and later), "16-mixed" on older
+    # ones, "32-true" elsewhere (rsseg.train.fit.select_precision).
+    precision: str | None = None
+    # Channels-last (NHWC) layout for the model's 4-D weights and the input batches: the layout
+    # tensor-core convolutions want on GPUs (docs/gpu.md; also 1.14x for U-Net-R18 on one CPU core).
+    channels_last: bool = False
+    # torch.compile the network (default mode); needs a C++ compiler on the CPU, triton on CUDA.
+    compile: bool = False
     # --- run
     seed: int = 0
     output_dir: str = "runs"

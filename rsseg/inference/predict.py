@@ -35,6 +35,13 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from torch import nn
 from tqdm.auto import tqdm
 
+from rsseg.accel import (
+    compile_error_types,
+    compile_failure,
+    compile_model,
+    to_channels_last,
+    uses_pinned_transfer,
+)
 from rsseg.data.radiometry import (
     AlphaRule,
     auto_rescale,
@@ -84,6 +91,13 @@ class PredictOptions:
     rescale: str | float = "check"
     # Scene bands to feed the model, in the model's order (default: the bundle's band indexes).
     bands: list[int] | None = None
+    # Channels-last (NHWC) layout for the model's 4-D weights and the input batches: the layout
+    # tensor-core convolutions want on GPUs (docs/gpu.md has the measurements). Converts the
+    # model in place, as ``device`` moves it.
+    channels_last: bool = False
+    # torch.compile the model (default mode) for this scene's run; the first windows pay the
+    # compilation. Needs a C++ compiler on the CPU, triton on CUDA (a UsageError says which).
+    compile: bool = False
 
 
 @dataclass
@@ -407,11 +421,14 @@ def _pad_size(n: int, multiple: int) -> int:
 
 
 def _batches(reader: _SceneReader, lines: list[list[Window]], options: PredictOptions,
-             skipped: list[Window], on_read: Any = None, pad_multiple: int | None = None
-             ) -> Iterator[_Batch | list[Window]]:
+             skipped: list[Window], on_read: Any = None, pad_multiple: int | None = None,
+             pin: bool = False) -> Iterator[_Batch | list[Window]]:
     """Yields batches of one window row; a row's windows never share a batch with the next row's.
 
-    Windows are padded to ``pad_multiple`` (default ``options.pad_multiple``)."""
+    Windows are padded to ``pad_multiple`` (default ``options.pad_multiple``). With ``pin`` (a
+    CUDA device, see :func:`rsseg.accel.uses_pinned_transfer`) each batch is assembled straight
+    in pinned host memory, here in the reader thread, so that its copy to the GPU can be
+    asynchronous and no extra pinning copy is made."""
     multiple = pad_multiple or options.pad_multiple
     for line in lines:
         pending: list[tuple[Window, np.ndarray, np.ndarray, tuple[int, int]]] = []
@@ -419,12 +436,14 @@ def _batches(reader: _SceneReader, lines: list[list[Window]], options: PredictOp
         def flush() -> _Batch:
             ph = _pad_size(max(p[3][0] for p in pending), multiple)
             pw = _pad_size(max(p[3][1] for p in pending), multiple)
-            x = np.zeros((len(pending), pending[0][1].shape[0], ph, pw), dtype=np.float32)
+            inputs = torch.zeros((len(pending), pending[0][1].shape[0], ph, pw), dtype=torch.float32,
+                                 pin_memory=pin)
+            x = inputs.numpy()  # shares the tensor's memory
             for i, (_, data, _, (mh, mw)) in enumerate(pending):
                 x[i, :, :mh, :mw] = data
             return _Batch(
                 windows=[p[0] for p in pending],
-                inputs=torch.from_numpy(x),
+                inputs=inputs,
                 valid=[p[2] for p in pending],
                 model_shapes=[p[3] for p in pending],
             )
@@ -731,6 +750,12 @@ def _predict_rows(scene, model, spec, options, scale, grid, lines, rows, height,
         return 0, []
     device = torch.device(options.device)
     model.eval().to(device)  # batch norm / dropout in inference behaviour, whatever the caller left
+    if options.channels_last:
+        model.to(memory_format=torch.channels_last)  # 4-D weights only
+    net = compile_model(model, device) if options.compile else model  # toolchain checked here
+    # CUDA: batches built in pinned memory by the reader thread, copied in and out without
+    # blocking the host. Elsewhere plain tensors and no change at all.
+    pin = uses_pinned_transfer(device)
     protocol = tta_protocol(options.tta, spec.dataset)
     pad_multiple = protocol.input_multiple(options.pad_multiple)
     reader = _SceneReader(scene, spec, scale, options)
@@ -749,6 +774,41 @@ def _predict_rows(scene, model, spec, options, scale, grid, lines, rows, height,
     pending_writes: list[Future] = []
     run = 0
 
+    def launch(item: _Batch) -> tuple[_Batch, torch.Tensor, Any]:
+        """Start the model on a batch: (batch, probabilities on the host, event that marks them
+        complete or None). On CUDA nothing here waits for the GPU: the input copy, the forward
+        and the copy back into pinned memory are queued, so the host blends the previous batch
+        meanwhile."""
+        x = item.inputs.to(device, non_blocking=pin)
+        if options.channels_last:
+            x = to_channels_last(x)
+        try:
+            probs = predict_probs(net, x, protocol)
+        except Exception as exc:
+            if options.compile and isinstance(exc, compile_error_types()):
+                raise compile_failure(exc) from exc
+            raise
+        if not pin:
+            return item, probs.cpu(), None
+        host = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
+        host.copy_(probs, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return item, host, done
+
+    def blend(launched: tuple[_Batch, torch.Tensor, Any]) -> None:
+        nonlocal run
+        item, probs, done = launched
+        if done is not None:
+            done.synchronize()
+        run += len(item.windows)
+        for i, w in enumerate(item.windows):
+            mh, mw = item.model_shapes[i]
+            p = probs[i : i + 1, :, :mh, :mw]
+            if (mh, mw) != (w.height, w.width):
+                p = F.interpolate(p, size=(w.height, w.width), mode="bilinear", align_corners=False)
+            buffer.add(w, p[0].numpy(), blend_weights(w, tile_s, overlap_s), item.valid[i])
+
     def write(top: int, classes: np.ndarray, conf: np.ndarray) -> None:
         a, b = max(top, y0), min(top + classes.shape[0], y1)
         if b <= a:
@@ -761,10 +821,18 @@ def _predict_rows(scene, model, spec, options, scale, grid, lines, rows, height,
 
     try:
         line_index = 0
+        # A batch's results are blended once the next batch has been launched, so that the
+        # GPU works while the host blends; always in batch order, so every sum is formed as
+        # before (on the CPU the results are bit-identical to blending at once).
+        waiting: tuple[_Batch, torch.Tensor, Any] | None = None
+        # The queue also carries the row-end marks: 4 places keep >= 2 batches read ahead.
+        batches = _batches(reader, lines, options, skipped, read_bar.update, pad_multiple, pin)
         with torch.inference_mode():
-            for item in _threaded(_batches(reader, lines, options, skipped, read_bar.update,
-                                           pad_multiple)):
+            for item in _threaded(batches, depth=4):
                 if isinstance(item, list):  # a window row is complete
+                    if waiting is not None:
+                        blend(waiting)
+                        waiting = None
                     line_index += 1
                     bar.update(len(item))
                     until = lines[line_index][0].row if line_index < len(lines) else None
@@ -781,15 +849,11 @@ def _predict_rows(scene, model, spec, options, scale, grid, lines, rows, height,
                     while len(pending_writes) > 2:
                         pending_writes.pop(0).result()
                     continue
-                probs = predict_probs(model, item.inputs.to(device), protocol).cpu()
-                run += len(item.windows)
-                for i, w in enumerate(item.windows):
-                    mh, mw = item.model_shapes[i]
-                    p = probs[i : i + 1, :, :mh, :mw]
-                    if (mh, mw) != (w.height, w.width):
-                        p = F.interpolate(p, size=(w.height, w.width), mode="bilinear",
-                                          align_corners=False)
-                    buffer.add(w, p[0].numpy(), blend_weights(w, tile_s, overlap_s), item.valid[i])
+                launched = launch(item)
+                if waiting is not None:
+                    blend(waiting)
+                waiting = launched
+        assert waiting is None  # every row ends with its mark, which blends the last batch
         for f in pending_writes:
             f.result()
     finally:

@@ -87,12 +87,35 @@ def resolve_data(cfg: TrainConfig, run_dir: Path) -> Path:
                            val_fraction=cfg.val_fraction, seed=cfg.seed, progress=cfg.progress)
 
 
-def _precision(cfg: TrainConfig) -> str:
+def select_precision(cfg: TrainConfig) -> str:
+    """Lightning's ``precision`` for this run: the config's, else chosen for the hardware.
+
+    On CUDA: "bf16-mixed" where the GPU computes in bfloat16 (Ampere and later). bfloat16 has
+    float32's exponent range, so activations cannot overflow and no loss scaling is needed;
+    float16 tops out at 65504, and Mamba's projections and gates (Δ before softplus, the scan's
+    output cast back to the input dtype) can exceed that. Older GPUs (V100, T4) get "16-mixed":
+    there float16 tensor cores are the only fast path, the selective scan itself still runs in
+    float32 with autocast off (rsseg.models.ssm.scan), Lightning's GradScaler skips steps with
+    inf/NaN gradients and a non-finite loss stops the run (NonFiniteLossError), so a run that
+    overflows says so; ``precision: 32-true`` is then the fix. Elsewhere (CPU, MPS): "32-true"
+    (bf16 on a CPU only pays with AMX / AVX512-BF16 units; ask for it explicitly there).
+    """
     if cfg.precision:
         return cfg.precision
     if torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda"):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
+
+
+def compute_device(cfg: TrainConfig) -> str:
+    """The device type the run's forward passes run on ("cuda", "cpu", or e.g. "mps"), as
+    Lightning resolves ``accelerator`` ("auto" takes CUDA when present)."""
+    accelerator = cfg.accelerator.lower()
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    if accelerator == "auto":
+        return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
+    return accelerator
 
 
 def default_workers(cfg: TrainConfig) -> int:
@@ -299,7 +322,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             label_smoothing=cfg.loss_label_smoothing,
             dice_smooth=cfg.dice_smooth,
             aux_weight=cfg.aux_weight,
+            channels_last=cfg.channels_last,
         )
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)  # 4-D weights only; in place
+        if cfg.compile:
+            module.compile_network(compute_device(cfg))  # the toolchain is checked here
         workers = default_workers(cfg)
         loader_args = dict(num_workers=workers, persistent_workers=workers > 0,
                            pin_memory=torch.cuda.is_available())
@@ -338,7 +366,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             devices=cfg.devices,
             num_nodes=cfg.num_nodes,
             strategy="ddp" if multi else "auto",
-            precision=_precision(cfg),
+            precision=select_precision(cfg),
             max_epochs=cfg.epochs if cfg.epochs > 0 else -1,
             max_steps=cfg.max_steps,
             callbacks=callbacks,
@@ -367,7 +395,14 @@ def train(cfg: TrainConfig) -> TrainResult:
                 raise DataError(f"cannot resume: checkpoint {resume} does not exist")
         try:
             trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)
-        except ValueError as exc:
+        except Exception as exc:
+            if cfg.compile:
+                from rsseg.accel import compile_error_types, compile_failure
+
+                if isinstance(exc, compile_error_types()):
+                    raise compile_failure(exc) from exc
+            if not isinstance(exc, ValueError):
+                raise
             # BatchNorm in training mode cannot normalise a single value per channel: the crop
             # shrank to 1 x 1 at the model's deepest level with one sample in the batch.
             if "Expected more than 1 value per channel" not in str(exc):

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from rsseg.accel import compile_model, to_channels_last
 from rsseg.errors import RssegError, UsageError
 from rsseg.train.losses import SegmentationLoss, split_outputs
 from rsseg.train.metrics import confusion_matrix, scores_from_confusion
@@ -141,9 +142,13 @@ class SegmentationModule(L.LightningModule):
         label_smoothing: float = 0.05,
         dice_smooth: float = 0.05,
         aux_weight: float = 0.4,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
+        # Inputs follow the weights' layout (fit.py converts the model): a mixed layout makes
+        # every convolution convert one side first.
+        self.channels_last = channels_last
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.mean_classes = tuple(mean_classes)
@@ -159,7 +164,16 @@ class SegmentationModule(L.LightningModule):
         return (image - self.mean) / self.std
 
     def forward(self, image: torch.Tensor) -> Any:
-        return self.model(self.normalize(image))
+        x = self.normalize(image)
+        if self.channels_last:
+            x = to_channels_last(x)
+        return self.__dict__.get("_compiled", self.model)(x)
+
+    def compile_network(self, device: torch.device | str) -> None:
+        """Run the network through ``torch.compile`` from now on (UsageError if inductor cannot
+        build code for ``device``). The compiled wrapper shares the network's parameters and is
+        kept outside the registered submodules, so checkpoints keep their ``model.*`` keys."""
+        self.__dict__["_compiled"] = compile_model(self.model, device)
 
     def compute_loss(self, outputs: Any, mask: torch.Tensor) -> torch.Tensor:
         own = getattr(self.model, "compute_loss", None)
