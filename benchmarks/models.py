@@ -18,6 +18,15 @@ For each model (names on the command line, any registered name) and each input s
     python benchmarks/models.py segret-t --cfg '{"drop_path": 0}'   # cfg goes to every model
     python benchmarks/models.py mafmamba --threads 1                  # on a busy shared machine
     python benchmarks/models.py mafmamba --backends torch fused       # each scan backend, same run
+    python benchmarks/models.py mafmamba reload-mamba --sizes 512 --threads 1 --paired --repeats 5
+    python benchmarks/models.py mafmamba --sizes 512 --threads 1 --breakdown
+
+``--paired`` times every model and the baseline in ONE process, alternating them round by round
+(time only, no memory or FLOPs): on a shared machine the ratio of two runs made seconds apart is
+far steadier than that of two processes minutes apart. It prints each model's best and median
+time, the ratio of the best times and the median and best of the per-round ratios.
+``--breakdown`` splits one model's forward (best of ``--repeats``, process CPU time) into SS2D's
+parts (its selective scan kernel, the projections, norm, conv) and the rest of the network.
 
 Extend by naming another registered model; nothing here is model-specific except the SS2D hook.
 """
@@ -143,6 +152,87 @@ def measure(name: str, size: int, repeats: int, cfg: dict, flops: bool) -> dict:
     return result
 
 
+def paired(names: list[str], size: int, repeats: int, cfg: dict) -> None:
+    """Baseline and models in one process, alternated ``repeats`` rounds (see the docstring)."""
+    torch.manual_seed(0)
+    models = {BASELINE: create_model(BASELINE, 6, 3).eval()}
+    models.update({n: create_model(n, 6, 3, **cfg).eval() for n in names})
+    x = torch.randn(1, 3, size, size)
+    times: dict[str, list[float]] = {n: [] for n in models}
+    with torch.no_grad():
+        for model in models.values():  # warm-up: allocator, lazy inits, numba's cache load
+            model(torch.randn(1, 3, 64, 64))
+            model(x)
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                times[name].append(time.perf_counter() - start)
+    base = times[BASELINE]
+    print(f"{'model':<22}{'size':>6}{'best s':>9}{'median s':>10}{'best/best':>11}{'median ratio':>14}"
+          f"{'best ratio':>12}")
+    for name, ts in times.items():
+        ratios = [t / b for t, b in zip(ts, base)]
+        print(f"{name:<22}{size:>6}{min(ts):>9.3f}{statistics.median(ts):>10.3f}{min(ts) / min(base):>11.2f}"
+              f"{statistics.median(ratios):>14.2f}{min(ratios):>12.2f}", flush=True)
+
+
+def breakdown(name: str, size: int, repeats: int, cfg: dict) -> None:
+    """Where one model's forward time goes: SS2D's parts and the rest (best of ``repeats``)."""
+    from collections import defaultdict
+
+    import rsseg.models.ssm.ss2d as ss2d
+
+    clock = time.process_time  # CPU time of this process: other tenants' time is not counted
+    parts: dict[str, float] = defaultdict(float)
+
+    def timed(fn, key):  # type: ignore[no-untyped-def]
+        def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+            start = clock()
+            out = fn(*args, **kwargs)
+            parts[key] += clock() - start
+            return out
+        return run
+
+    torch.manual_seed(0)
+    model = create_model(name, 6, 3, **cfg).eval()
+    for m in model.modules():
+        if isinstance(m, ss2d.SS2D):
+            m.forward = timed(m.forward, "SS2D (all of it)")
+            m.scan_fused = timed(m.scan_fused, "  x_proj, dt, scan kernel, D (fused path)")
+            m.scan = timed(m.scan, "  x_proj, dt, scan (general path)")
+            for sub, key in ((m.in_proj, "in_proj"), (m.conv2d, "depthwise conv"),
+                             (m.out_norm, "out_norm"), (m.out_proj, "out_proj")):
+                sub.forward = timed(sub.forward, f"  {key}")
+    import rsseg.models.ssm.cpu_scan as cpu_scan
+
+    kernels = {"ss2d_forward32": "    scan kernel (inference)", "forward32": "    scan kernel (lane layout)"}
+    for attr, key in kernels.items():
+        setattr(cpu_scan, attr, timed(getattr(cpu_scan, attr), key))
+    x = torch.randn(1, 3, size, size)
+    best: dict[str, float] = {}
+    with torch.no_grad():
+        model(x)
+        for _ in range(repeats):
+            parts.clear()
+            start = clock()
+            model(x)
+            parts["total"] = clock() - start
+            if not best or parts["total"] < best["total"]:
+                best = dict(parts)
+    best["rest of the network"] = best["total"] - best.get("SS2D (all of it)", 0.0)
+    ss2d_keys = [k for k in best if k.startswith("  ") and not k.startswith("    ")]
+    order = ["total", "SS2D (all of it)"]
+    for key in sorted(ss2d_keys, key=lambda k: -best[k]):
+        order.append(key)
+        if key.startswith("  x_proj"):
+            order += [k for k in kernels.values() if k in best]
+    order.append("rest of the network")
+    print(f"{name} at {size} px, {torch.get_num_threads()} thread(s), best of {repeats} (CPU time):")
+    for key in order:
+        print(f"  {key:<44}{best[key] * 1e3:9.1f} ms {100 * best[key] / best['total']:6.1f} %")
+
+
 def run_child(name: str, size: int, repeats: int, cfg: dict, flops: bool, threads: int,
               backend: str | None = None) -> dict:
     env = dict(os.environ, RSSEG_SCAN_BACKEND=backend) if backend else None  # the scan backend
@@ -166,6 +256,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--backends", nargs="+", default=[None],
                         help="scan backends (RSSEG_SCAN_BACKEND) to run each model with, e.g. torch fused")
+    parser.add_argument("--paired", action="store_true",
+                        help="time models and baseline alternately in this one process (time only)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="split each model's forward into SS2D's parts and the rest")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -176,6 +270,15 @@ def main() -> None:
         return
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, 6 classes, CPU")
+    if args.breakdown:
+        for size in args.sizes:
+            for name in args.models:
+                breakdown(name, size, args.repeats, cfg)
+        return
+    if args.paired:
+        for size in args.sizes:
+            paired(args.models, size, args.repeats, cfg)
+        return
     header = (f"{'model':<22}{'size':>6}{'params M':>10}{'time s':>9}{'x base':>8}{'peak MiB':>10}"
               f"{'x base':>8}{'GMACs':>9}{'GFLOPs':>9}{'+scan GFLOPs':>14}")
     print(header)

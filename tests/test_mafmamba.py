@@ -286,3 +286,14 @@ def test_coordinate_attention_gates_factor_into_row_and_column() -> None:
     minors = g[:, :-1, :-1] * g[:, 1:, 1:] - g[:, :-1, 1:] * g[:, 1:, :-1]
     assert minors.abs().max() < 1e-6
     assert (gate > 0).all() and (gate < 1).all()
+
+
+@pytest.mark.parametrize("shape,size", [((1, 5, 64, 64), (8, 8)), ((2, 3, 37, 45), (10, 11)), ((1, 2, 5, 5), (1, 1))])
+def test_msaf_shrink_is_bilinear_interpolation(shape, size):
+    # MSAF shrinks finer levels with a gather of the two source rows/columns per output pixel
+    # (performance): the same values as F.interpolate's bilinear resize, to float32 rounding.
+    from rsseg.models.mafmamba import _bilinear_down
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    want = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(_bilinear_down(x, torch.Size(size)), want, atol=1e-6, rtol=1e-6)
