@@ -537,7 +537,7 @@ if numba is not None:
         kper = K // S
         n_chunks = (P + chunk - 1) // chunk
         uf, df, gyf, duf, ddf = u.ravel(), dl.ravel(), gy.ravel(), du_out.ravel(), ddl_out.ravel()
-        Bf, Cf, dBf, dCf = Bp.ravel(), Cp.ravel(), dB_buf.ravel(), dC_buf.ravel()
+        Bf, Cf, dBf, dCf, gsf = Bp.ravel(), Cp.ravel(), dB_buf.ravel(), dC_buf.ravel(), gstates.ravel()
         for item in prange(S * nb * nblk):
             _wide_vectors()
             s = item // (nb * nblk)
@@ -590,10 +590,11 @@ if numba is not None:
                             bk = br[kk]
                             base = kk * LANES
                             jb = j * nl + base
+                            dk, hp, hn = dec[jb:jb + LANES], hbuf[jb:jb + LANES], hbuf[jb + nl:jb + nl + LANES]
                             for c in range(LANES):
                                 e = _exp32(xr[c] * a[base + c])
-                                dec[jb + c] = e
-                                hbuf[jb + nl + c] = e * hbuf[jb + c] + xu[c] * bk
+                                dk[c] = e
+                                hn[c] = e * hp[c] + xu[c] * bk
                     for i in range(nl):
                         dA_c[i] = _ZERO
                     for t in range(t1 - 1, t0 - 1, -1):  # the adjoint, backwards
@@ -608,11 +609,10 @@ if numba is not None:
                         xo = ((k * nb + bi) * P + p) * dp + c0
                         bo = ((bi * P + p) * K + k) * n
                         ur, xr, br, cr = uf[uo:uo + LANES], df[xo:xo + LANES], Bf[bo:bo + n], Cf[bo:bo + n]
-                        dur, dxr = duf[uo:uo + LANES], ddf[xo:xo + LANES]
+                        dur, dxr, gyr = duf[uo:uo + LANES], ddf[xo:xo + LANES], gyf[uo:uo + LANES]
                         do = ((blk * nb + bi) * P + p) * K * n + k * n
                         dbr, dcr = dBf[do:do + n], dCf[do:do + n]
                         if not states_mode:
-                            gyr = gyf[uo:uo + LANES]
                             for c in range(LANES):
                                 go[c] = gyr[c]
                         for c in range(LANES):
@@ -624,18 +624,20 @@ if numba is not None:
                             ck = cr[kk]
                             base = kk * LANES
                             jb = j * nl + base
+                            dk, hp, hn = dec[jb:jb + LANES], hbuf[jb:jb + LANES], hbuf[jb + nl:jb + nl + LANES]
                             if states_mode:
+                                so = (((k * nb + bi) * n + kk) * P + p) * dp + c0
                                 for c in range(LANES):
-                                    g[base + c] += gstates[k, bi, kk, p, c0 + c]
+                                    g[base + c] += gsf[so + c]
                             for c in range(LANES):
                                 gk = g[base + c] + ck * go[c]
-                                tC[c] = go[c] * hbuf[jb + nl + c]
-                                wv = gk * dec[jb + c] * hbuf[jb + c]  # dL/d(delta A_k)
+                                tC[c] = go[c] * hn[c]
+                                wv = gk * dk[c] * hp[c]  # dL/d(delta A_k)
                                 gx[c] += wv * a[base + c]
                                 dA_c[base + c] += wv * xr[c]
                                 gdu[c] += gk * bk
                                 tB[c] = gk * xu[c]
-                                g[base + c] = gk * dec[jb + c]
+                                g[base + c] = gk * dk[c]
                             dbr[kk] = _tree16(tB)
                             if not states_mode:
                                 dcr[kk] = _tree16(tC)
