@@ -25,7 +25,9 @@ Then SS2D forward on a 256 x 256 x 64 map, batch 1 (target: under 4 GB peak on C
     python benchmarks/scan.py --quick         # small shapes, a smoke run
     python benchmarks/scan.py --device cuda   # on a GPU machine, plus the kernel agreement check
     python benchmarks/scan.py --fused-stages --threads 1   # fused (numba) vs torch scan only, at
-                                              # MAFMamba's SS2D stage shapes at 512 and 1024 px
+                                              # MAFMamba's SS2D stage shapes at 512 and 1024 px, then
+                                              # whole SS2D modules at those shapes (general path with
+                                              # the torch scan vs the fused traversal kernel)
     python benchmarks/scan.py --device cuda --backends-only   # backend times + Triton check only
 """
 
@@ -328,6 +330,46 @@ def fused_vs_torch(sizes: list[int], repeat: int) -> None:
               f"{t_torch / t_fused:9.2f}")
 
 
+def ss2d_stages(sizes: list[int], repeat: int) -> None:
+    """Whole SS2D modules at MAFMamba's stage shapes: the general path (four traversal copies,
+    torch scan, merge) against the fused traversal kernel (auto on CPU), same process and inputs;
+    inference (no grad) and a training step (forward + backward)."""
+    import os
+
+    print(f"\n{'size':>5} {'SS2D(d_model) on HxW':24s} {'mode':9s} {'torch ms':>10s} {'fused ms':>10s} "
+          f"{'speed-up':>9s}")
+    saved = os.environ.get(scan_module.ENV_VAR)
+    try:
+        for size in sizes:
+            for width, stride in ((64, 4), (128, 8), (256, 16), (512, 32)):
+                side = size // stride
+                torch.manual_seed(0)
+                model = SS2D(width)
+                x = torch.randn(1, side, side, width)
+                for mode, train in (("inference", False), ("fwd+bwd", True)):
+                    times = []
+                    for backend in ("torch", "auto"):
+                        os.environ[scan_module.ENV_VAR] = backend
+
+                        def step(_: dict) -> torch.Tensor:
+                            leaf = x.detach().requires_grad_(train)
+                            with torch.set_grad_enabled(train):
+                                y = model(leaf)
+                                if train:
+                                    y.square().mean().backward()
+                            return y
+
+                        step({})  # warm-up
+                        times.append(min(run_once(step, {}, False, "cpu") for _ in range(repeat)))
+                    print(f"{size:5d} {f'SS2D({width}) {side}x{side}':24s} {mode:9s} {times[0] * 1e3:10.1f} "
+                          f"{times[1] * 1e3:10.1f} {times[0] / times[1]:9.2f}", flush=True)
+    finally:
+        if saved is None:
+            os.environ.pop(scan_module.ENV_VAR, None)
+        else:
+            os.environ[scan_module.ENV_VAR] = saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -353,6 +395,7 @@ def main() -> None:
     if args.fused_stages:
         print(f"torch {torch.__version__}, CPU, threads {torch.get_num_threads()}")
         fused_vs_torch(args.stage_sizes, args.repeat)
+        ss2d_stages(args.stage_sizes, args.repeat)
         for backend in ("torch", "fused"):  # a 256^2 SS2D training step's memory, fresh processes
             spec = json.dumps({"impl": "ss2d", "channels": 64, "size": 256, "backward": True,
                                "backend": backend, "threads": torch.get_num_threads()})

@@ -344,11 +344,9 @@ if numba is not None:
         return sig, codegen
 
     @njit(inline="always", cache=True, fastmath=_FM, error_model="numpy")
-    def _exp32(v):  # pragma: no cover
-        """Cephes expf: m = round(v / ln2), r = v - m ln2 (two-part ln2), e^r by a degree-7
-        polynomial, times 2^m. Within 2 ulp of expf; v is clamped to [-87.3, 88.3], so what would
-        underflow to 0 gives ~1e-38 (and nothing overflows)."""
-        x = min(max(v, _LO), _HI)
+    def _exp32_clamped(x):  # pragma: no cover
+        """e^x for x in [-87.3, 88.3]: Cephes expf. m = round(x / ln2), r = x - m ln2 (two-part
+        ln2), e^r by a degree-7 polynomial, times 2^m. Within 2 ulp of expf."""
         m = x * _LOG2E + _MAGIC - _MAGIC  # round to nearest, exactly
         r = x - m * _C1 - m * _C2
         p = _P0
@@ -358,6 +356,17 @@ if numba is not None:
         p = p * r + _P4
         p = p * r + _P5
         return (p * r * r + r + _ONE) * _pow2(m)
+
+    @njit(inline="always", cache=True, fastmath=_FM, error_model="numpy")
+    def _exp32(v):  # pragma: no cover
+        """e^v, v clamped to [-87.3, 88.3]: what would underflow to 0 gives ~1e-38 (and nothing
+        overflows)."""
+        return _exp32_clamped(min(max(v, _LO), _HI))
+
+    @njit(inline="always", cache=True, fastmath=_FM, error_model="numpy")
+    def _exp32_nonpos(v):  # pragma: no cover
+        """_exp32 for v <= 0 (delta >= 0 times A <= 0; -|x|): one clamp less per element."""
+        return _exp32_clamped(max(v, _LO))
 
     @njit(inline="always", cache=True)
     def _tree16(t):  # pragma: no cover
@@ -443,7 +452,7 @@ if numba is not None:
         """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), vectorisable: with e = e^-|x| in (0, 1],
         log1p(e) = 2 atanh(s), s = e / (2 + e) in (0, 1/3], by its series to s^13 (the rest is
         below 1.5e-8 relative). Within 2.5e-7 relative of log(1 + e^x) (F.softplus: 1.1e-7)."""
-        e = _exp32(-abs(x))
+        e = _exp32_nonpos(-abs(x))
         s = e / (_TWO + e)
         s2 = s * s
         q = _Q6
@@ -514,7 +523,7 @@ if numba is not None:
                         ck = cr[kk]
                         base = kk * LANES
                         for c in range(LANES):
-                            hv = _exp32(xw[c] * a[base + c]) * h[base + c] + du[c] * bk
+                            hv = _exp32_nonpos(xw[c] * a[base + c]) * h[base + c] + du[c] * bk
                             h[base + c] = hv
                             acc[c] += ck * hv
                     if k == 0:
@@ -784,7 +793,8 @@ def ss2d_forward(u: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A
     """SS2D's four-traversal scan without gradients, in one kernel pass (see ss2d_forward32).
 
     ``u`` (b, P, di) channels-last, ``x_dbl`` (b, P, K, dt_rank + 2n) the per-pixel x_proj
-    output, ``dt_weight`` (K, di, dt_rank), ``dt_bias`` (K, di), ``A`` (K*di, n), ``D`` (K*di,),
+    output, ``dt_weight`` (K, di, dt_rank), ``dt_bias`` (K, di), ``A`` (K*di, n) <= 0 (SS2D's
+    -exp(A_log): the kernel's exp skips the upper clamp), ``D`` (K*di,),
     ``order`` (K, P); all float32. Returns y (b, P, di) = sum over traversals of the scan output
     (softplus'd delta, D skip included), each put back at its pixels.
     """
