@@ -1,27 +1,35 @@
-"""A fused CPU selective scan (numba): forward and backward, exact, state kept in a local array.
+"""A fused CPU selective scan (numba): forward and backward, exact, state kept in local memory.
 
 Same semantics as :func:`rsseg.models.ssm.scan.selective_scan` (see that module's docstring); the
 dispatcher there calls :func:`fused_scan` for the ``fused`` backend (and for ``auto`` on CPU with
 float32/half inputs). Why fused: the torch scan spends ~90 % of its time in elementwise passes over
 (b, d, n, l) tensors (``exp(delta*A)``, ``delta*B*u``, the states); here one loop per
-(batch, channel) walks the sequence once, with the state, the decay and the drive living in
-registers/L1, so no (b, d, n, l) tensor is ever built.
+(batch, block of channels) walks the sequence once, with the state, the decay and the drive in
+vector registers/L1, so no (b, d, n, l) tensor is ever built.
 
-Layout: ``B, C`` are transposed once to (b, g, l, n) so that each step reads n contiguous values.
-Arithmetic is in float32 for float32/half inputs (float64 for float64 inputs); per-channel sums
-over the whole sequence (dA, dD, d delta_bias) accumulate in float64. ``fastmath`` is off: the
-result is the textbook recurrence evaluated in order, bitwise reproducible whatever the thread count.
+float32 (and half inputs, computed in float32): the "lane layout" kernels (forward32, backward32,
+ss2d_forward32; layout in the comment above them). Each direction (group) reads its positions in
+an ``order`` given per direction, so SS2D's four traversals of an (H, W) map are four orders over
+the same channels-last tensors, and the kernel adds their outputs per pixel (:meth:`SS2D.scan_fused
+<rsseg.models.ssm.ss2d.SS2D.scan_fused>`): no traversal copies, no merge. The plain scan is the
+case "identity order, one group per direction". Multiply-adds may be contracted to FMAs (rounded
+once); nothing else of fastmath. Sums over a sequence (dA) accumulate in float64; sums over the
+channels of a group (dB, dC) use a fixed pairwise tree per 16-lane block and per-block buffers:
+results are bitwise the same whatever the thread count.
+
+float64 inputs (asked for with ``backend="fused"``) run the scalar generic kernels (forward_kernel,
+backward_kernel): the reference, untuned.
 
 Backward stores nothing per step: forward saves the state entering every ``CHUNK``-position chunk
-(b, d, l/CHUNK, n, i.e. n/CHUNK of ``u``'s size); backward walks the chunks from the last, recomputes
-one chunk's states and decays into a (CHUNK+1, n) buffer, then runs the adjoint
-``g_t = C_t gy_t + exp(delta_{t+1} A) g_{t+1}`` backwards through it. dB and dC are sums over the
-channels of a group, so the parallel work items are (batch, group, part): each writes its own
-slice of a (parts, b, g, l, n) buffer, summed afterwards (no races, no atomics).
+(n/CHUNK of ``u``'s size); backward walks the chunks from the last, recomputes one chunk's states
+and decays, then runs the adjoint ``g_t = C_t gy_t + exp(delta_{t+1} A) g_{t+1}`` backwards through
+it. Without gradients SS2D takes :func:`ss2d_forward`: delta is computed per step inside the kernel
+from the low-rank dt projection and nothing is stored.
 
 numba compiles the kernels on first use (``cache=True``: once per machine, into ``__pycache__`` or
 numba's user cache). Threads: numba's pool runs ``min(torch.get_num_threads(), NUMBA_NUM_THREADS)``
-threads, so ``torch.set_num_threads`` (and the CLI's thread options) govern both.
+threads, so ``torch.set_num_threads`` (and the CLI's thread options) govern both; :func:`_launch`
+gives torch its own thread count back after each kernel (numba's OpenMP pool changes it).
 """
 
 from __future__ import annotations
