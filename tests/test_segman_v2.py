@@ -437,3 +437,19 @@ def test_parameter_counts_match_the_paper(name):
     assert name in list_models()
     count = parameter_count(name, num_classes=150, in_channels=3) / 1e6
     assert abs(count / PAPER_PARAMS[name] - 1) < 0.05, count
+
+
+def test_a_training_step_after_a_prediction_of_the_same_shape():
+    # Shape-keyed tables (scan orders, neighbourhood indices) are cached across calls; one cached
+    # by a prediction under inference_mode must still be savable for a later training backward.
+    torch.manual_seed(0)
+    model = SegMANV2(3, 3, TOY_SIZE, TOY_WIDTHS)
+    x = torch.randn(1, 3, 52, 44)  # a shape no other test uses, so the caches start cold
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()
+    loss = model(x).logsumexp(1).mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)

@@ -254,3 +254,16 @@ def test_ss2d_fused_path_is_deterministic_across_thread_counts(monkeypatch):
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_ss2d_trains_after_a_prediction_cached_its_traversal_orders():
+    # traversal_orders is cached per (H, W); one built under inference_mode must not be an
+    # inference tensor, or the fused kernel's backward cannot save it.
+    torch.manual_seed(0)
+    m = SS2D(16, d_state=4)
+    x = torch.randn(1, 13, 11, 16)
+    with torch.inference_mode():
+        m(x)
+    out = m(x.requires_grad_())
+    out.square().mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

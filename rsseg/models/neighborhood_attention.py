@@ -36,20 +36,21 @@ def _axis_tables(length: int, kernel: int, dilation: int) -> tuple[Tensor, Tenso
     ``index`` is clamped into ``[0, length)`` where the neighbour is virtual (``valid`` False) so
     that it can always be gathered; such keys are masked out of the softmax.
     """
-    virtual_length = max(length, kernel * dilation)
-    i = torch.arange(length)
-    group = i % dilation
-    group_length = (virtual_length - group + dilation - 1) // dilation  # ceil
-    pos_in_group = i // dilation
-    start = torch.minimum(
-        torch.clamp(pos_in_group - kernel // 2, min=0), group_length - kernel
-    )  # (L,)
-    steps = start[:, None] + torch.arange(kernel)[None, :]  # window position in group units
-    neighbour = group[:, None] + dilation * steps
-    valid = neighbour < length
-    index = neighbour.clamp(max=length - 1)
-    bias_index = steps - pos_in_group[:, None] + kernel - 1
-    return index, valid, bias_index
+    with torch.inference_mode(False):  # cached, and saved for backward by training steps
+        virtual_length = max(length, kernel * dilation)
+        i = torch.arange(length)
+        group = i % dilation
+        group_length = (virtual_length - group + dilation - 1) // dilation  # ceil
+        pos_in_group = i // dilation
+        start = torch.minimum(
+            torch.clamp(pos_in_group - kernel // 2, min=0), group_length - kernel
+        )  # (L,)
+        steps = start[:, None] + torch.arange(kernel)[None, :]  # window position in group units
+        neighbour = group[:, None] + dilation * steps
+        valid = neighbour < length
+        index = neighbour.clamp(max=length - 1)
+        bias_index = steps - pos_in_group[:, None] + kernel - 1
+        return index, valid, bias_index
 
 
 def neighbourhood_tables(
@@ -64,9 +65,12 @@ def _device_tables(
     height: int, width: int, kernel: int, dilation: tuple[int, int], device: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     # cached per device so that a GPU forward does not copy the tables every call
-    rows = _axis_tables(height, kernel, dilation[0])
-    cols = _axis_tables(width, kernel, dilation[1])
-    return tuple(t.to(device) for t in (*rows, *cols))  # type: ignore[return-value]
+    # Built outside inference mode: the cached tables are saved for backward by training steps,
+    # which an inference tensor (cached by an earlier prediction) cannot be.
+    with torch.inference_mode(False):
+        rows = _axis_tables(height, kernel, dilation[0])
+        cols = _axis_tables(width, kernel, dilation[1])
+        return tuple(t.to(device) for t in (*rows, *cols))  # type: ignore[return-value]
 
 
 class _NeighbourQK(torch.autograd.Function):

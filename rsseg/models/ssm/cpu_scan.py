@@ -820,7 +820,10 @@ def ss2d_forward(u: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A
 @functools.lru_cache(maxsize=64)
 def identity_order(k: int, length: int) -> Tensor:
     """Every direction reads the positions in order: the plain (grouped) selective scan."""
-    return torch.arange(length).expand(k, length).contiguous()
+    # Cached across calls: built outside inference mode so that a training step may save it
+    # for backward after a prediction cached it (an inference tensor cannot be saved).
+    with torch.inference_mode(False):
+        return torch.arange(length).expand(k, length).contiguous()
 
 
 def _scan32(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -44,9 +44,12 @@ def linear_init_(weight: Tensor) -> None:
 def traversal_orders(height: int, width: int) -> Tensor:
     """(4, H*W) int64: the flat pixel (i * W + j) read at step t of each traversal of
     :mod:`scan_orders` (right, left, down, up)."""
-    rows = torch.arange(height * width)
-    cols = rows.view(height, width).t().reshape(-1)  # column-major: step j * H + i reads (i, j)
-    return torch.stack([rows, rows.flip(0), cols, cols.flip(0)]).contiguous()
+    # Cached across calls: built outside inference mode so that a training step may save it
+    # for backward after a prediction cached it (an inference tensor cannot be saved).
+    with torch.inference_mode(False):
+        rows = torch.arange(height * width)
+        cols = rows.view(height, width).t().reshape(-1)  # column-major: step j * H + i reads (i, j)
+        return torch.stack([rows, rows.flip(0), cols, cols.flip(0)]).contiguous()
 
 
 def _fused_lanes_wanted(x: Tensor, A_logs: Tensor) -> bool:
