@@ -63,6 +63,13 @@ from rsseg.inference.rasterio_out import (
     remove_quietly,
     temporary_path,
 )
+from rsseg.inference.georef import (  # noqa: F401  (pixel_size and the transforms: re-exported)
+    GDAL_NO_TRANSFORM,
+    QGIS_PIXEL_TRANSFORM,
+    is_georeferenced,
+    output_transform,
+    pixel_size,
+)
 from rsseg.inference.paths import gdal_path, is_local_file, scene_name
 from rsseg.inference.windows import Window, blend_weights, check_tile_overlap, ramp_1d, window_grid
 from rsseg.train.tta import TTA_MODES, predict_probs, tta_protocol
@@ -234,17 +241,6 @@ MAX_RESAMPLE_FACTOR = 8.0
 
 # Running the model this many times off its training GSD (with --no-resample) earns a warning.
 GSD_WARN_FACTOR = 2.0
-# The transform GDAL reports for a raster without one, and the one QGIS draws it with instead.
-GDAL_NO_TRANSFORM = rasterio.Affine.identity()
-QGIS_PIXEL_TRANSFORM = rasterio.Affine(1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
-
-
-def pixel_size(transform: rasterio.Affine) -> tuple[float, float]:
-    """A pixel's true width and height in map units: the lengths of the transform's column
-    vectors, so rotated and sheared grids measure right (|a|, |e| alone are 0 at 90 degrees)."""
-    return math.hypot(transform.a, transform.d), math.hypot(transform.b, transform.e)
-
-
 def scene_gsd_m(src: rasterio.DatasetReader) -> float | None:
     """Ground sampling distance in metres (geometric mean of the pixel's sides), or None if the
     scene has no usable CRS."""
@@ -257,18 +253,6 @@ def scene_gsd_m(src: rasterio.DatasetReader) -> float | None:
         return math.sqrt(width * abs(math.cos(math.radians(lat))) * height) * 111_320.0
     factor = src.crs.linear_units_factor[1] if src.crs.linear_units_factor else 1.0
     return math.sqrt(width * height) * factor
-
-
-def is_georeferenced(src: rasterio.DatasetReader) -> bool:
-    """False for a raster with neither a CRS nor a geotransform (GDAL then reports identity)."""
-    return src.crs is not None or src.transform != GDAL_NO_TRANSFORM
-
-
-def output_transform(src: rasterio.DatasetReader) -> rasterio.Affine:
-    """The transform outputs are written with: the scene's own, except for a raster with no
-    georeferencing at all, which QGIS draws with pixel (col, row) at (col, -row); outputs get
-    that transform explicitly so that they (raster and polygons) lie on the scene in QGIS."""
-    return src.transform if is_georeferenced(src) else QGIS_PIXEL_TRANSFORM
 
 
 def resolve_scene(src: rasterio.DatasetReader, spec: InputSpec, options: PredictOptions,

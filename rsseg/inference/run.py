@@ -37,10 +37,10 @@ from rsseg.inference.predict import (
     PredictOptions,
     distributed_context,
     open_scene,
-    pixel_size,
     predict_scene,
     resolve_scene,
 )
+from rsseg.inference.georef import pixel_size
 from rsseg.inference.mosaic import mosaic_scene, wants_mosaic
 from rsseg.inference.ranks import rank_device
 from rsseg.inference.rasterio_out import remove_quietly
@@ -49,8 +49,7 @@ from rsseg.inference.vectorize import (
     VECTOR_DRIVERS,
     ClassInfo,
     check_writable,
-    vectorize_raster,
-    write_vectors,
+    vectorize_to_file,
 )
 
 
@@ -250,14 +249,14 @@ def _predict_one(plan: SceneOutputs, model: nn.Module, spec: InputSpec, options:
                 # resolve_scene already said what a scene without a CRS means for its outputs.
                 warnings.filterwarnings("ignore", message="class raster has no CRS",
                                         category=UserWarning)
-                gdf = vectorize_raster(classes_path, classes=info,
-                                       simplify=_simplify_tolerance(classes_path, simplify),
-                                       min_area=min_area, progress=options.progress)
-            with warnings.catch_warnings():
                 # pyogrio's note that a layer has no CRS: resolve_scene said it, in one line.
                 warnings.filterwarnings("ignore", message="'crs' was not provided", category=UserWarning)
-                plan.extra_files = write_vectors(gdf, plan.vectors, info, overwrite=overwrite)[1:]
-            plan.polygons = len(gdf)
+                # Streamed strip by strip: memory does not grow with the scene's height.
+                files, plan.polygons = vectorize_to_file(
+                    classes_path, plan.vectors, classes=info,
+                    simplify=_simplify_tolerance(classes_path, simplify), min_area=min_area,
+                    overwrite=overwrite, progress=options.progress)
+            plan.extra_files = files[1:]
         if barrier is not None:
             barrier()
     finally:
