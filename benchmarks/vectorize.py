@@ -18,7 +18,7 @@ On one class raster (a land-cover-like map of smooth regions written block by bl
 
 Times are wall clock and CPU (``time.process_time``: on a shared, busy machine the CPU time of
 this process moves much less than the wall clock). ``--block-rows`` defaults to what ``rsseg
-vectorize`` uses (about 32 Mpx per strip). Above the percolation threshold (P > 0.593) one
+vectorize`` uses (about 16 Mpx per strip). Above the percolation threshold (P > 0.593) one
 region spans the raster with holes everywhere, the hardest case for the seam merge; P near 1
 (0.9977: ~150k polygons at 8192^2) gives one region with a hole per odd pixel.
 """

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
+import pandas as pd
 import shapely
 
 
@@ -146,7 +147,8 @@ def merge_rag(pieces: Rag, seam_rows: Iterable[int]) -> Rag | None:
     work = np.flatnonzero(reaches)
     # Shells counter-clockwise, holes clockwise (x right, y down: the shoelace sign flips, but
     # only consistency matters to the linking).
-    flip = (Rag(pieces.xy, sizes_all, np.ones(len(sizes_all), dtype=np.int64)).ring_areas2()[work] > 0) != is_shell[work]
+    one_ring_each = Rag(pieces.xy, sizes_all, np.ones(len(sizes_all), dtype=np.int64))
+    flip = (one_ring_each.ring_areas2()[work] > 0) != is_shell[work]
     size = sizes_all[work]
     ring, pos = _runs(size)
     src_pos = np.where(flip[ring], size[ring] - 1 - pos, pos)
@@ -227,7 +229,7 @@ def merge_rag(pieces: Rag, seam_rows: Iterable[int]) -> Rag | None:
     order = np.r_[np.flatnonzero(positive), np.flatnonzero(~positive)]
     new = Rag(ring_xy, ring_sizes, np.ones(len(ring_sizes), dtype=np.int64)).take(order)
     kept_rings = np.r_[work[~touches], aside]
-    kept = Rag(pieces.xy, sizes_all, np.ones(len(sizes_all), dtype=np.int64)).take(kept_rings)
+    kept = one_ring_each.take(kept_rings)
     return Rag(np.concatenate([new.xy, kept.xy]), np.concatenate([new.ring_sizes, kept.ring_sizes]),
                np.array([len(order) + len(kept_rings)], dtype=np.int64))
 
@@ -349,6 +351,12 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
     return values[np.r_[True, values[1:] != values[:-1]]] if len(values) else values
 
 
+def _isin(values: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """``np.isin`` by hashing (pandas): binary search costs a cache miss per step on millions
+    of values, and ``np.isin`` sorts both."""
+    return pd.Series(values, copy=False).isin(keys).to_numpy()
+
+
 def _isin_sorted(values: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
     if len(sorted_keys) == 0:
         return np.zeros(len(values), dtype=bool)
@@ -374,9 +382,11 @@ def _ext_gcd(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return old_s * np.where(a < 0, -1, 1), old_t * np.where(b < 0, -1, 1)
 
 
-def _empty_triangles(p: np.ndarray, v: np.ndarray, n: np.ndarray, area2: np.ndarray,
-                     keys: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """Whether each closed triangle (p, v, n) holds no present vertex but its corners.
+def _empty_triangles(x: np.ndarray, y: np.ndarray, ip: np.ndarray, iv: np.ndarray, inx: np.ndarray,
+                     area2: np.ndarray, keys: np.ndarray, gone: list[np.ndarray]) -> np.ndarray:
+    """Whether each closed triangle of vertices (ip, iv, inx) (indices into x, y) holds no present
+    vertex but its corners: none of ``keys`` (sorted ``_keys`` of every vertex there was) that is
+    not in one of ``gone`` (sorted).
 
     All vertices are lattice points, so only lattice points need testing: those on the base p-n,
     and, when twice the area is 3 or more (Pick's theorem: below that a triangle has no interior
@@ -385,14 +395,30 @@ def _empty_triangles(p: np.ndarray, v: np.ndarray, n: np.ndarray, area2: np.ndar
     base direction reduced by its gcd g and cross(d0, e) = 1: the triangle spans the lattice
     lines at heights 0 .. |H| parallel to the base, each one an interval of integers.
     """
-    ok = np.ones(len(p), dtype=bool)
-    d = n - p
+    ok = np.ones(len(ip), dtype=bool)
+    # A base with lattice points inside (gcd g >= 2) needs twice the area >= g >= 2; at exactly
+    # 2 (the most a one-pixel tolerance allows) g = 2: both steps even, one point, the midpoint.
+    two = np.flatnonzero(area2 == 2)
+    if len(two):
+        a, b = ip[two], inx[two]
+        dx, dy = x[b] - x[a], y[b] - y[a]
+        even = ((dx | dy) & 1) == 0
+        two, a, dx, dy = two[even], a[even], dx[even], dy[even]
+        mid = np.stack([x[a] + dx // 2, y[a] + dy // 2], 1).astype(np.int64)
+        ok[two[_present(_keys(mid), keys, gone)]] = False
+    idx = np.flatnonzero(area2 >= 3)
+    if len(idx) == 0:
+        return ok
+    ip, iv, inx = ip[idx], iv[idx], inx[idx]
+    p = np.stack([x[ip], y[ip]], 1).astype(np.int64)
+    d = np.stack([x[inx], y[inx]], 1).astype(np.int64) - p
     g = np.gcd(d[:, 0], d[:, 1])
-    need = (area2 > 0) & ((g > 1) | (area2 >= 3))
+    need = (g > 1) | (area2[idx] >= 3)
     if not need.any():
         return ok
-    idx = np.flatnonzero(need)
-    p, v, d, g, area2 = p[idx], v[idx], d[idx], g[idx], area2[idx]
+    idx, d, g, p, iv = idx[need], d[need], g[need], p[need], iv[need]
+    v = np.stack([x[iv], y[iv]], 1).astype(np.int64)
+    area2 = area2[idx]
     d0 = d // g[:, None]
     owner_parts, point_parts = [], []
     # Height 0: the base, t = 1 .. g-1.
@@ -423,69 +449,114 @@ def _empty_triangles(p: np.ndarray, v: np.ndarray, n: np.ndarray, area2: np.ndar
     points = np.concatenate(point_parts)
     if len(points) == 0:
         return ok
-    pk = _keys(points)
-    at = np.minimum(np.searchsorted(keys, pk), len(keys) - 1)
-    blocked = (keys[at] == pk) & present[at]
-    ok[idx[owner[blocked]]] = False
+    ok[idx[owner[_present(_keys(points), keys, gone)]]] = False
     return ok
 
 
-def _visvalingam(xy: np.ndarray, prev: np.ndarray, nxt: np.ndarray, active: np.ndarray,
+def _present(points: np.ndarray, keys: np.ndarray, gone: list[np.ndarray]) -> np.ndarray:
+    """Which of these keys are vertices: in ``keys``, in none of ``gone``."""
+    found = _isin_sorted(points, keys)
+    for removed in gone:
+        if found.any():
+            found[found] = ~_isin_sorted(points[found], removed)
+    return found
+
+
+def _visvalingam(x: np.ndarray, y: np.ndarray, prev: np.ndarray, nxt: np.ndarray, active: np.ndarray,
                  chain: np.ndarray, remaining: np.ndarray, min_keep: np.ndarray, vertex_keys: np.ndarray,
-                 keys: np.ndarray, present: np.ndarray, limit2: float) -> np.ndarray:
+                 keys: np.ndarray, gone: np.ndarray, limit2: float) -> np.ndarray:
     """Remove vertices in rounds of Visvalingam-Whyatt; returns the removed mask.
 
     A vertex is removable while twice its triangle's area is at most ``limit2`` and the triangle
-    holds no other present vertex (``_empty_triangles``): then the new edge crosses no other edge
-    and passes through no vertex, so the network stays planar and every ring stays simple. Each
-    round removes the removable vertices whose (area, scrambled position) is below both ring
-    neighbours', so no two neighbours go at once, and at most ``remaining - min_keep`` per chain.
+    holds no other present vertex (``_empty_triangles``; ``keys``: every vertex position, less
+    those in ``gone`` and those removed here): then the new edge crosses no other edge and passes
+    through no vertex, so the network stays planar and every ring stays simple. Each round
+    removes the removable vertices whose priority (area, then a scramble of the position) is
+    below both ring neighbours', so no two neighbours go at once, and at most
+    ``remaining - min_keep`` per chain. Only the vertices whose triangle changed are evaluated
+    again. ``x``, ``y``, ``prev``, ``nxt``: int32 columns (1-d gathers cost half of 2-d ones);
+    ``prev`` and ``nxt`` are relinked in place around the removed vertices.
     """
-    n = len(xy)
-    prev, nxt = prev.copy(), nxt.copy()
-    slot = np.searchsorted(keys, vertex_keys)
-    tie = vertex_keys.astype(np.uint64) * _MIX  # distinct for distinct positions
-    rank = np.full(n, _NEVER, dtype=np.int64)  # twice the area of a removable vertex
+    n = len(x)
+    # Priority: twice the area in the high bits, a scramble of the position (distinct for
+    # distinct positions but for 2^-40 odds) below; _NEVER for a vertex not removable now.
+    prio = np.full(n, _NEVER, dtype=np.int64)
     removed = np.zeros(n, dtype=bool)
-    todo = np.flatnonzero(active)
+    listed = np.zeros(n, dtype=bool)
+    touched = np.zeros(n, dtype=bool)
+    cand = [np.zeros(0, dtype=np.int64)]
+    gone_lists = [gone]
+    todo = np.flatnonzero(active).astype(np.int32)
     while True:
-        if len(todo):
-            a, b, c = xy[prev[todo]], xy[todo], xy[nxt[todo]]
-            area2 = np.abs((b[:, 0] - a[:, 0]) * (c[:, 1] - b[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - b[:, 0]))
-            rank[todo] = _NEVER
-            small = area2 <= limit2
-            cand = todo[small]
-            fine = _empty_triangles(a[small], b[small], c[small], area2[small], keys, present)
-            rank[cand[fine]] = area2[small][fine]
-        cand = np.flatnonzero(rank != _NEVER)
+        for at in range(0, len(todo), 1 << 20):  # in slices: the first round takes every vertex
+            some = todo[at:at + (1 << 20)]
+            tp, tn = prev[some], nxt[some]
+            bx, by = x[some], y[some]
+            area2 = np.abs((bx - x[tp]).astype(np.int64) * (y[tn] - by)
+                           - (by - y[tp]).astype(np.int64) * (x[tn] - bx))
+            prio[some] = _NEVER
+            small = np.flatnonzero(area2 <= limit2)
+            fine = _empty_triangles(x, y, tp[small], some[small], tn[small], area2[small], keys, gone_lists)
+            good = some[small[fine]]
+            tie = (vertex_keys[good].astype(np.uint64) * _MIX) >> np.uint64(24)
+            prio[good] = (np.minimum(area2[small[fine]], (1 << 22) - 1) << 40) | tie.astype(np.int64)
+            new = good[~listed[good]]
+            listed[new] = True
+            cand.append(new)
+        cand = np.concatenate(cand)
+        still = prio[cand] != _NEVER
+        if not still.all():
+            listed[cand[~still]] = False
+            cand = cand[still]
         if len(cand) == 0:
             break
-        r, tp, tn = rank[cand], prev[cand], nxt[cand]
-        below_prev = (r < rank[tp]) | ((r == rank[tp]) & (tie[cand] < tie[tp]))
-        below_next = (r < rank[tn]) | ((r == rank[tn]) & (tie[cand] < tie[tn]))
-        sel = cand[below_prev & below_next]
+        r = prio[cand]
+        sel = cand[(r < prio[prev[cand]]) & (r < prio[nxt[cand]])]
+        cand = [cand]
         ch = chain[sel]
-        allowed = remaining - min_keep
         per_chain = np.bincount(ch, minlength=len(remaining))
-        if (per_chain > allowed).any():
-            order = np.lexsort((rank[sel], ch))
-            sel, ch = sel[order], ch[order]
-            first_of_chain = np.r_[True, ch[1:] != ch[:-1]]
+        over = per_chain > remaining - min_keep
+        if over.any():  # only the chains that would go below their minimum are sorted out
+            crowded = over[ch]
+            extra, ech = sel[crowded], ch[crowded]
+            order = np.lexsort((prio[extra], ech))
+            extra, ech = extra[order], ech[order]
+            first_of_chain = np.r_[True, ech[1:] != ech[:-1]]
             start = np.flatnonzero(first_of_chain)[np.cumsum(first_of_chain) - 1]
-            keep = np.arange(len(sel)) - start < allowed[ch]
-            sel, ch = sel[keep], ch[keep]
+            keep = np.arange(len(extra)) - start < (remaining - min_keep)[ech]
+            sel = np.concatenate([sel[~crowded], extra[keep]])
+            ch = chain[sel]
+            per_chain = np.bincount(ch, minlength=len(remaining))
         if len(sel) == 0:
             break
         removed[sel] = True
-        rank[sel] = _NEVER
-        present[slot[sel]] = False
+        listed[sel] = False
+        prio[sel] = _NEVER
+        gone_lists.append(np.sort(vertex_keys[sel]))
+        if len(gone_lists) > 8:
+            gone_lists = [sorted_unique(np.concatenate(gone_lists))]
         p, q = prev[sel], nxt[sel]
         nxt[p] = q
         prev[q] = p
-        remaining = remaining - np.bincount(ch, minlength=len(remaining))
-        todo = np.concatenate([p, q])  # repeats are harmless
-        todo = todo[active[todo] & ~removed[todo]]
+        remaining = remaining - per_chain
+        touched[p] = True
+        touched[q] = True
+        touched &= active & ~removed
+        todo = np.flatnonzero(touched).astype(np.int32)  # sorted, once each
+        touched[todo] = False
     return removed
+
+
+def _ring_links(size: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(first, last) vertex of each ring, (next, previous) vertex of each vertex (int32)."""
+    first = np.cumsum(size) - size
+    last = first + size - 1
+    n = int(size.sum())
+    nxt = np.arange(1, n + 1, dtype=np.int32)
+    nxt[last] = first
+    prev = np.arange(-1, n - 1, dtype=np.int32)
+    prev[first] = last
+    return first, last, nxt, prev
 
 
 class CoverageSimplifier:
@@ -530,27 +601,31 @@ class CoverageSimplifier:
         nodata, and so that their vertices count in the emptiness test."""
         if len(polygons) == 0:
             return polygons
-        xy, size = self._insert_nodes(polygons.xy, polygons.ring_sizes)
-        ring, pos = _runs(size)
-        first = np.cumsum(size) - size
-        nxt = first[ring] + (pos + 1) % size[ring]
-        prev = first[ring] + (pos - 1) % size[ring]
-        vkeys = _keys(xy)
-        node = _isin_sorted(vkeys, self.nodes_xy)
+        x, y, size = self._insert_nodes(polygons.xy[:, 0].astype(np.int32),
+                                        polygons.xy[:, 1].astype(np.int32), polygons.ring_sizes)
+        first, last, nxt, prev = _ring_links(size)
+        ring = np.repeat(np.arange(len(size), dtype=np.int32), size)
+        vkeys = (x.astype(np.int64) << 32) | y
+        node = _isin(vkeys, self.nodes_xy)
 
         # Chains: a ring is cut at its nodes; the vertices before a ring's first node belong to
         # the chain from its last node. A ring without nodes is one closed chain.
-        nodes_in_ring = np.bincount(ring, weights=node, minlength=len(size)).astype(np.int64)
-        seen = np.cumsum(node) - (np.cumsum(node) - node)[first][ring]  # nodes up to here
-        local = np.where(seen == 0, np.maximum(nodes_in_ring[ring], 1), seen) - 1
+        seen = np.cumsum(node, dtype=np.int32)
+        before = seen[first] - node[first]  # nodes before each ring
+        nodes_in_ring = (seen[last] - before).astype(np.int64)
+        seen -= before[ring]  # nodes of its ring up to this vertex
         chains_in_ring = np.maximum(nodes_in_ring, 1)
-        chain = (np.cumsum(chains_in_ring) - chains_in_ring)[ring] + local
+        chain = (np.cumsum(chains_in_ring) - chains_in_ring).astype(np.int32)[ring]
+        chain += np.where(seen == 0, chains_in_ring[ring].astype(np.int32), seen) - 1
         n_chains = int(chains_in_ring.sum())
+        chain_ring = np.repeat(np.arange(len(size)), chains_in_ring)
         interior = ~node
-        count = np.bincount(chain[interior], minlength=n_chains)
+        inner_chain = chain[interior]
+        count = np.bincount(inner_chain, minlength=n_chains)
         chain_key = np.full(n_chains, _NEVER, dtype=np.int64)
-        np.minimum.at(chain_key, chain[interior], vkeys[interior])
-        kind = nodes_in_ring[np.repeat(np.arange(len(size)), chains_in_ring)]
+        np.minimum.at(chain_key, inner_chain, vkeys[interior])
+        del inner_chain
+        kind = nodes_in_ring[chain_ring]
 
         # Each chain is simplified once: where it first appears, if both sides are polygons.
         real = np.flatnonzero(count > 0)
@@ -572,62 +647,124 @@ class CoverageSimplifier:
         min_keep = np.zeros(n_chains, dtype=np.int64)
         min_keep[real] = keep_u[inverse]
 
-        all_keys = sorted_unique(np.concatenate([vkeys, open_keys]))
-        present = ~_isin_sorted(all_keys, self.lost)
-        active = interior & primary[chain]
-        removed = _visvalingam(xy, prev, nxt, active, chain, count.copy(), min_keep, vkeys,
-                               all_keys, present, self.limit2)
+        # Each chain's index-1 vertex (the one after its start), for the alignment below.
+        start_at = np.zeros(n_chains, dtype=np.int64)  # index of each chain's start vertex
+        at_node = np.flatnonzero(node)
+        start_at[chain[at_node]] = at_node
+        free = kind == 0
+        anchor = np.flatnonzero(interior & free[chain] & (vkeys == chain_key[chain]))
+        start_at[chain[anchor]] = anchor
+        second_key = vkeys[nxt[start_at]]
 
-        # Remember what open neighbours need; forget what the batch closed.
-        gone_now = vkeys[removed]
+        all_keys = sorted_unique(np.concatenate([vkeys, open_keys]))
+        active = interior & primary[chain]
+        removed = _visvalingam(x, y, prev, nxt, active, chain, count.copy(), min_keep, vkeys,
+                               all_keys, self.lost, self.limit2)
+        del active, all_keys, prev, nxt
+
+        # The same vertices leave the chain's other occurrence (the neighbour's ring): vertex by
+        # vertex, numbered from the chain's start node (from its least-key vertex for a ring
+        # without nodes), along or against the other ring's turn.
+        by_unique = np.argsort(inverse, kind="stable")
+        pair_start = np.cumsum(uses) - uses
+        paired = np.flatnonzero((uses == 2) & todo_u)
+        one, two = real[by_unique[pair_start[paired]]], real[by_unique[pair_start[paired] + 1]]
+        lead = np.zeros(n_chains, dtype=np.int64)  # the occurrence that was simplified
+        lead[two] = one
+        same_turn = np.ones(n_chains, dtype=bool)
+        same_turn[two] = second_key[two] == second_key[one]
+        is_two = np.zeros(n_chains, dtype=bool)
+        is_two[two] = True
+        v = np.flatnonzero(interior & is_two[chain])
+        c2 = chain[v]
+        c1 = lead[c2]
+        r2 = ring[v]
+        j = (v - start_at[c2]) % size[r2]  # position along the chain from its start
+        k = count[c2]
+        j = np.where(same_turn[c2], j, np.where(free[c2], (k - j) % k, k + 1 - j))
+        r1 = chain_ring[c1]
+        twin = first[r1] + (start_at[c1] - first[r1] + j) % size[r1]
+        if not np.array_equal(vkeys[v], vkeys[twin]):  # an invariant of the chains above
+            raise AssertionError("coverage simplification: a chain's two occurrences differ")
+        drop = removed
+        drop[v] = removed[twin]
+
+        # Chains simplified with a polygon written before lose the positions remembered then.
         closing = np.zeros(n_chains, dtype=bool)
         closing[real[was_done[inverse]]] = True
-        closing_keys = sorted_unique(chain_key[closing])
-        closing_positions = vkeys[interior & closing[chain]]
-        old_lost = self.lost
-        keep_lost = ~_isin_sorted(old_lost, sorted_unique(closing_positions))
+        on_closing = interior & closing[chain]
+        closing_positions = vkeys[on_closing]
+        drop[on_closing] = _isin_sorted(closing_positions, self.lost)
+
+        # Remember what open neighbours need; forget what the batch closed.
         opening = np.zeros(n_chains, dtype=bool)
         opening[real[first_at[open_side]]] = True
+        closing_keys = sorted_unique(chain_key[closing])
         self.done = sorted_unique(np.concatenate([self.done[~_isin_sorted(self.done, closing_keys)],
                                                   chain_key[opening]]))
-        self.lost = sorted_unique(np.concatenate([old_lost[keep_lost], vkeys[removed & opening[chain]]]))
+        old_lost = self.lost
+        if len(old_lost):
+            old_lost = old_lost[~_isin_sorted(old_lost, sorted_unique(closing_positions))]
+        self.lost = sorted_unique(np.concatenate([old_lost, vkeys[drop & ~on_closing & opening[chain]]]))
+        kept = ~drop
+        return Rag(np.stack([x[kept], y[kept]], 1).astype(np.int64),
+                   np.bincount(ring[kept], minlength=len(size)), polygons.ring_counts)
 
-        drop = sorted_unique(np.concatenate([gone_now, old_lost]))
-        kept = ~_isin_sorted(vkeys, drop)
-        return Rag(xy[kept], np.bincount(ring[kept], minlength=len(size)), polygons.ring_counts)
-
-    def _insert_nodes(self, xy: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _insert_nodes(self, x: np.ndarray, y: np.ndarray,
+                      size: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every node that lies inside a ring edge (a T-junction: a neighbour's corner on this
         polygon's straight side) becomes a vertex of that edge."""
-        if len(self.nodes_yx) == 0:
-            return xy, size
-        ring, pos = _runs(size)
+        if len(self.nodes_yx) == 0 or len(x) == 0:
+            return x, y, size
         first = np.cumsum(size) - size
-        b = xy[first[ring] + (pos + 1) % size[ring]]
-        a = xy
-        horizontal = a[:, 1] == b[:, 1]
-        lo = np.minimum(a, b) + 1
-        hi = np.maximum(a, b) - 1
+        last = first + size - 1
+        dx = np.empty_like(x)
+        dy = np.empty_like(y)
+        dx[:-1] = x[1:] - x[:-1]
+        dy[:-1] = y[1:] - y[:-1]
+        dx[last] = x[first] - x[last]
+        dy[last] = y[first] - y[last]
+        horizontal = dy == 0
+        # Only an edge two or more long on a row (column) that holds a node can hold one inside.
+        node_y, node_x = self.nodes_yx >> 32, self.nodes_xy >> 32
+        rows = np.zeros(max(int(y.max()), int(node_y.max())) + 1, dtype=bool)
+        cols = np.zeros(max(int(x.max()), int(node_x.max())) + 1, dtype=bool)
+        rows[node_y] = True
+        cols[node_x] = True
+        maybe = np.where(horizontal, rows[y], cols[x])
+        maybe &= (np.abs(dx) + np.abs(dy)) >= 2
+        seg = np.flatnonzero(maybe)
+        if len(seg) == 0:
+            return x, y, size
+        hor = horizontal[seg]
+        sx, sy = x[seg].astype(np.int64), y[seg].astype(np.int64)
         # Horizontal edges search the nodes by (y, x), vertical ones by (x, y).
-        table = np.where(horizontal, 0, 1)
-        lo_key = np.where(horizontal, (a[:, 1] << 32) + lo[:, 0], (a[:, 0] << 32) + lo[:, 1])
-        hi_key = np.where(horizontal, (a[:, 1] << 32) + hi[:, 0], (a[:, 0] << 32) + hi[:, 1])
-        left = np.where(horizontal, np.searchsorted(self.nodes_yx, lo_key, "left"),
-                        np.searchsorted(self.nodes_xy, lo_key, "left"))
-        right = np.where(horizontal, np.searchsorted(self.nodes_yx, hi_key, "right"),
-                         np.searchsorted(self.nodes_xy, hi_key, "right"))
+        line = np.where(hor, sy, sx) << 32
+        along = np.where(hor, sx, sy)
+        step = np.where(hor, dx[seg], dy[seg]).astype(np.int64)
+        lo = line + np.minimum(along, along + step) + 1
+        hi = line + np.maximum(along, along + step) - 1
+        left = np.empty(len(seg), dtype=np.int64)
+        right = np.empty(len(seg), dtype=np.int64)
+        for table, which in ((self.nodes_yx, hor), (self.nodes_xy, ~hor)):
+            left[which] = np.searchsorted(table, lo[which], "left")
+            right[which] = np.searchsorted(table, hi[which], "right")
         extra = np.maximum(right - left, 0)
         if not extra.any():
-            return xy, size
-        forward = np.where(horizontal, b[:, 0] > a[:, 0], b[:, 1] > a[:, 1])
+            return x, y, size
         owner, k = _runs(extra)
-        at = np.where(forward[owner], left[owner] + k, right[owner] - 1 - k)
-        from_yx = table[owner] == 0
+        at = np.where(step[owner] > 0, left[owner] + k, right[owner] - 1 - k)
+        from_yx = hor[owner]
         key = np.where(from_yx, self.nodes_yx[np.where(from_yx, at, 0)], self.nodes_xy[np.where(from_yx, 0, at)])
-        hi32, lo32 = key >> 32, key & 0xFFFFFFFF
-        inserted = np.stack([np.where(from_yx, lo32, hi32), np.where(from_yx, hi32, lo32)], 1)
-        start = np.cumsum(1 + extra) - (1 + extra)
-        out = np.empty((len(xy) + len(inserted), 2), dtype=np.int64)
-        out[start] = xy
-        out[start[owner] + 1 + k] = inserted
-        return out, size + np.bincount(ring, weights=extra, minlength=len(size)).astype(np.int64)
+        hi32, lo32 = (key >> 32).astype(np.int32), (key & 0xFFFFFFFF).astype(np.int32)
+        grow = np.zeros(len(x), dtype=np.int64)
+        grow[seg] = extra
+        start = np.cumsum(1 + grow) - (1 + grow)
+        slots = start[seg[owner]] + 1 + k
+        out_x = np.empty(len(x) + len(key), dtype=np.int32)
+        out_y = np.empty(len(x) + len(key), dtype=np.int32)
+        out_x[start], out_y[start] = x, y
+        out_x[slots] = np.where(from_yx, lo32, hi32)
+        out_y[slots] = np.where(from_yx, hi32, lo32)
+        ring_of_seg = np.searchsorted(first, seg, "right") - 1
+        return out_x, out_y, size + np.bincount(ring_of_seg, weights=extra, minlength=len(size)).astype(np.int64)

@@ -35,7 +35,7 @@ import sqlite3
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, islice
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -50,10 +50,10 @@ import rasterio.features
 import rasterio.transform
 import shapely
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
-from scipy import ndimage
 from tqdm.auto import tqdm
 
 from rsseg.errors import DataError, OutputError, UsageError, warn
+from rsseg.inference.georef import output_transform
 from rsseg.inference.qgis_style import is_raster_qml, vector_qml
 from rsseg.inference.rasterio_out import NODATA_CLASS, read_class_metadata, temporary_path
 from rsseg.inference.seam_merge import (
@@ -71,8 +71,9 @@ RASTER_SUFFIXES = (".tif", ".tiff")
 # GeoPackage 1.2: GDAL >= 3.7 writes 1.4 by default, which QGIS 3.22's GDAL (3.6, Debian 12)
 # warns about on every load; 1.2 is read without a warning by every GDAL since 2.2.
 GPKG_VERSION = "1.2"
-# 4-connectivity, as rasterio.features.shapes uses by default.
-_FOUR = ndimage.generate_binary_structure(2, 1)
+# GDAL's block cache while strips are read: each strip is read once, and the default cache (5 %
+# of RAM) would otherwise keep every strip read, growing the process with the raster's height.
+READ_CACHE_MB = 64
 # Fallback colours for rasters that carry none (a qualitative palette).
 _PALETTE = [
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -145,6 +146,23 @@ def _records_to_rag(records: list[tuple[dict, float]]) -> tuple[Rag, np.ndarray]
     return Rag(xy[is_open].astype(np.int64), ring_sizes - 1, rings_per_polygon), values.astype(np.int64)
 
 
+def _strip_polygons(classes: np.ndarray, transform: rasterio.Affine,
+                    chunk: int = 2048) -> tuple[Rag, np.ndarray]:
+    """``shapes`` of a strip as flat arrays, converted ``chunk`` polygons at a time (as Python
+    objects a polygon's vertex costs ~100 bytes, as arrays 16)."""
+    records = rasterio.features.shapes(classes, mask=classes != NODATA_CLASS, connectivity=4,
+                                       transform=transform)
+    parts, values = [], []
+    with _no_cyclic_gc():
+        while batch := list(islice(records, chunk)):
+            rag, vals = _records_to_rag(batch)
+            parts.append(rag)
+            values.append(vals)
+    if not parts:
+        return Rag.empty(), np.zeros(0, dtype=np.int64)
+    return Rag.concat(parts), np.concatenate(values)
+
+
 @contextmanager
 def _no_cyclic_gc():
     """Python's cyclic garbage collector off: ``shapes`` builds millions of small dicts, lists and
@@ -159,8 +177,9 @@ def _no_cyclic_gc():
             gc.enable()
 
 
-def auto_block_rows(width: int, pixels: int = 1 << 25) -> int:
-    """Rows per block for about ``pixels`` pixels (32 Mpx), at least 256."""
+def auto_block_rows(width: int, pixels: int = 1 << 24) -> int:
+    """Rows per block for about ``pixels`` pixels (16 Mpx: a strip's polygonization holds about
+    15-30 bytes a pixel, in GDAL and here), at least 256."""
     return max(256, pixels // max(width, 1))
 
 
@@ -209,13 +228,14 @@ def _seam_columns(pieces: Rag, ids: np.ndarray, classes: np.ndarray, y: int,
 
 
 def _split(rag: Rag) -> list[Rag]:
-    """One Rag per polygon (views)."""
+    """One Rag per polygon, each its own copy (a view would keep the whole strip's arrays alive
+    as long as any one piece stays open)."""
     ring_end = np.cumsum(rag.ring_counts).tolist()
     vertex_end = np.cumsum(rag.ring_sizes)
     out, r0, v0 = [], 0, 0
     for r1 in ring_end:
         v1 = int(vertex_end[r1 - 1])
-        out.append(Rag(rag.xy[v0:v1], rag.ring_sizes[r0:r1], rag.ring_counts[len(out):len(out) + 1]))
+        out.append(Rag(rag.xy[v0:v1].copy(), rag.ring_sizes[r0:r1].copy(), rag.ring_counts[len(out):len(out) + 1].copy()))
         r0, v0 = r1, v1
     return out
 
@@ -273,9 +293,7 @@ class _StripPolygonizer:
                 self._add_nodes(prev_row, classes, top, last)
             prev_row = classes[-1].copy()
             shift = rasterio.Affine.translation(0, top)
-            with _no_cyclic_gc():
-                rag, values = _records_to_rag(list(rasterio.features.shapes(
-                    classes, mask=classes != NODATA_CLASS, connectivity=4, transform=shift)))
+            rag, values = _strip_polygons(classes, shift)
             del classes
             if len(rag):
                 ring_y = np.minimum.reduceat(rag.xy[:, 1], rag.ring_starts())[rag.shell_rings()]
@@ -375,11 +393,11 @@ def polygonize_pixels(
 ) -> tuple[list[shapely.Polygon], list[int]]:
     """Polygons (in pixel coordinates: x = column, y = row) and their class ids, blockwise.
 
-    ``block_rows`` None picks blocks of about 32 Mpx (see :func:`auto_block_rows`).
+    ``block_rows`` None picks blocks of about 16 Mpx (see :func:`auto_block_rows`).
     """
     polygons: list[shapely.Polygon] = []
     class_ids: list[int] = []
-    with _open_class_raster(path) as ds:
+    with rasterio.Env(GDAL_CACHEMAX=READ_CACHE_MB), _open_class_raster(path) as ds:
         for batch in _StripPolygonizer(ds, block_rows, progress=progress,
                                        desc=f"vectorize {Path(path).name}"):
             polygons.extend(batch.raw.to_shapely())
@@ -425,8 +443,6 @@ class _MapBatches:
 
     def __init__(self, path: Path, info: ClassInfo, *, simplify: float | None = None,
                  min_area: float = 0.0, block_rows: int | None = None, progress: bool = False):
-        from rsseg.inference.predict import output_transform
-
         self.path, self.info = Path(path), info
         self.min_area, self.block_rows, self.progress = min_area, block_rows, progress
         with _open_class_raster(self.path) as ds:
@@ -477,7 +493,7 @@ class _MapBatches:
         simplifier = CoverageSimplifier(self.area_limit) if self.area_limit > 0 else None
         names = self.info.names
         self._to_utm = None
-        with _open_class_raster(self.path) as ds:
+        with rasterio.Env(GDAL_CACHEMAX=READ_CACHE_MB), _open_class_raster(self.path) as ds:
             for batch in _StripPolygonizer(ds, self.block_rows, simplifier=simplifier,
                                            progress=self.progress, desc=f"vectorize {self.path.name}"):
                 rag, classes = batch.geoms, batch.classes
@@ -557,7 +573,7 @@ def vectorize_raster(
 def class_info_from_raster(path: Path) -> ClassInfo:
     _open_class_raster(path).close()  # a clear DataError for a missing or non-class raster
     names, colors = read_class_metadata(path)
-    with _open_class_raster(path) as ds:
+    with rasterio.Env(GDAL_CACHEMAX=READ_CACHE_MB), _open_class_raster(path) as ds:
         n_meta = max(len(names or []), len(colors or []))
         if n_meta == 0:
             # No metadata: as many classes as the largest value present (read by block).
@@ -754,9 +770,9 @@ def _write_stream(staged: Path, driver: str, layer: str, crs_wkt: str | None,
     """Write record batches as they come: GDAL keeps one dataset open (pyogrio.write_arrow reads
     them as an Arrow stream); Parquet goes through pyarrow's writer with GeoParquet metadata."""
     if driver == "Parquet":
+        crs = None if crs_wkt is None else pyproj.CRS.from_wkt(crs_wkt).to_json_dict()
         geo = {"version": "1.0.0", "primary_column": "geometry", "creator": {"library": "rsseg"},
-               "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Polygon"],
-                                        "crs": None if crs_wkt is None else pyproj.CRS.from_wkt(crs_wkt).to_json_dict()}}}
+               "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": crs}}}
         order = ["class_id", "class_name", "geometry", "area_m2"]  # as GeoDataFrame.to_parquet wrote
         schema = pa.schema([_SCHEMA.field(name) for name in order], metadata={"geo": json.dumps(geo)})
         with pq.ParquetWriter(staged, schema) as writer:
