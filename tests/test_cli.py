@@ -103,3 +103,24 @@ def test_every_option_of_every_command_has_help_text() -> None:
         if isinstance(param, click.Option) and not param.help and not param.hidden
     ]
     assert missing == []
+
+
+def test_channels_last_and_compile_flags_reach_training_and_prediction(monkeypatch) -> None:
+    import types
+
+    import rsseg.api as api
+    import rsseg.train.fit as fit
+
+    configs = []
+    monkeypatch.setattr(fit, "train", lambda cfg: configs.append(cfg) or types.SimpleNamespace(bundle_path=None))
+    assert _run("train", "--config", "cpu-tiny", "--channels-last", "--compile").exit_code == 0
+    assert _run("train", "--config", "cpu-tiny", "--set", "channels_last=true").exit_code == 0
+    assert (configs[0].channels_last, configs[0].compile) == (True, True)
+    assert (configs[1].channels_last, configs[1].compile) == (True, False)  # unset flags override nothing
+
+    calls = []
+    monkeypatch.setattr(api, "predict", lambda *a, **kw: calls.append(kw) or [])
+    assert _run("predict", "s.tif", "-o", "o.tif", "--channels-last", "--compile").exit_code == 0
+    assert _run("predict", "s.tif", "-o", "o.tif").exit_code == 0
+    assert (calls[0]["channels_last"], calls[0]["compile"]) == (True, True)
+    assert (calls[1]["channels_last"], calls[1]["compile"]) == (False, False)

@@ -117,7 +117,13 @@ def prepare(dataset, data_root, images, labels, label_field, classes_file, ignor
 @click.option("--devices", help="Number of devices (or 'auto'); >1 trains with DDP.")
 @click.option("--num-nodes", type=int, help="Machines taking part in DDP training.")
 @click.option("--accelerator", help="auto, cpu, gpu ...")
-@click.option("--precision", help="e.g. 32-true, 16-mixed, bf16-mixed [default: mixed on GPU].")
+@click.option("--precision", help="32-true, 16-mixed or bf16-mixed [default: bf16-mixed on GPUs "
+                                 "that support it, 16-mixed on older GPUs, 32-true on the CPU].")
+@click.option("--channels-last", is_flag=True, default=None,
+              help="Train in channels-last memory layout (faster convolutions on recent GPUs).")
+@click.option("--compile", is_flag=True, default=None,
+              help="torch.compile the network: the first steps pay the compilation, long runs "
+                   "gain (needs a C++ compiler on the CPU, triton on CUDA).")
 @click.option("--seed", type=int, help="Seed of every random draw (data, augmentation, init).")
 @click.option("-o", "--out", "--output", "output_dir", help="Folder for runs [default: runs].")
 @click.option("--name", "run_name", help="Run name [default: <model>-<dataset>].")
