@@ -20,6 +20,7 @@ For each model (names on the command line, any registered name) and each input s
     python benchmarks/models.py mafmamba --backends torch fused       # each scan backend, same run
     python benchmarks/models.py mafmamba reload-mamba --sizes 512 --threads 1 --paired --repeats 5
     python benchmarks/models.py mafmamba --sizes 512 --threads 1 --breakdown
+    python benchmarks/models.py mafmamba-tiny --sizes 128 --threads 2 --paired --train 8   # demo steps
 
 ``--paired`` times every model and the baseline in ONE process, alternating them round by round
 (time only, no memory or FLOPs): on a shared machine the ratio of two runs made seconds apart is
@@ -177,6 +178,40 @@ def paired(names: list[str], size: int, repeats: int, cfg: dict) -> None:
               f"{statistics.median(ratios):>14.2f}{min(ratios):>12.2f}", flush=True)
 
 
+def paired_training(names: list[str], size: int, batch: int, repeats: int, cfg: dict) -> None:
+    """Training steps (forward, soft-CE loss, backward, AdamW) of the baseline and the models in
+    one process, alternated round by round: ``rsseg demo``'s step is batch 8 of 128 px crops."""
+    torch.manual_seed(0)
+    models = {BASELINE: create_model(BASELINE, 6, 3).train()}
+    models.update({n: create_model(n, 6, 3, **cfg).train() for n in names})
+    optimizers = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in models.items()}
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 6, (batch, size, size))
+
+    def step(name: str) -> None:
+        optimizers[name].zero_grad(set_to_none=True)
+        out = models[name](x)
+        out = out[0] if isinstance(out, (tuple, list)) else out  # auxiliary heads: main output
+        torch.nn.functional.cross_entropy(out, y, label_smoothing=0.05).backward()
+        optimizers[name].step()
+
+    times: dict[str, list[float]] = {n: [] for n in models}
+    for name in models:  # warm-up
+        step(name)
+    for _ in range(repeats):
+        for name in models:
+            start = time.perf_counter()
+            step(name)
+            times[name].append(time.perf_counter() - start)
+    base = times[BASELINE]
+    print(f"training step, batch {batch} x {size} px")
+    print(f"{'model':<22}{'best s':>9}{'median s':>10}{'median ratio':>14}{'best ratio':>12}")
+    for name, ts in times.items():
+        ratios = [t / b for t, b in zip(ts, base)]
+        print(f"{name:<22}{min(ts):>9.3f}{statistics.median(ts):>10.3f}{statistics.median(ratios):>14.2f}"
+              f"{min(ratios):>12.2f}", flush=True)
+
+
 def breakdown(name: str, size: int, repeats: int, cfg: dict) -> None:
     """Where one model's forward time goes: SS2D's parts and the rest (best of ``repeats``)."""
     from collections import defaultdict
@@ -258,6 +293,8 @@ def main() -> None:
                         help="scan backends (RSSEG_SCAN_BACKEND) to run each model with, e.g. torch fused")
     parser.add_argument("--paired", action="store_true",
                         help="time models and baseline alternately in this one process (time only)")
+    parser.add_argument("--train", type=int, default=None, metavar="BATCH",
+                        help="with --paired: time training steps of this batch instead of forwards")
     parser.add_argument("--breakdown", action="store_true",
                         help="split each model's forward into SS2D's parts and the rest")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -277,7 +314,10 @@ def main() -> None:
         return
     if args.paired:
         for size in args.sizes:
-            paired(args.models, size, args.repeats, cfg)
+            if args.train:
+                paired_training(args.models, size, args.train, args.repeats, cfg)
+            else:
+                paired(args.models, size, args.repeats, cfg)
         return
     header = (f"{'model':<22}{'size':>6}{'params M':>10}{'time s':>9}{'x base':>8}{'peak MiB':>10}"
               f"{'x base':>8}{'GMACs':>9}{'GFLOPs':>9}{'+scan GFLOPs':>14}")

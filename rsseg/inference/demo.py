@@ -17,7 +17,6 @@ from typing import Callable
 
 import numpy as np
 import rasterio
-import torch
 
 from rsseg.errors import OutputError
 
@@ -69,6 +68,8 @@ class DemoResult:
 
 def _scene_miou(pred_path: Path, label_path: Path, num_classes: int, mean_classes: tuple[int, ...]) -> float:
     """mIoU of a predicted class raster against a label raster, block by block."""
+    import torch  # here, not at the top: the CLI reads DemoConfig's defaults without torch
+
     from rsseg.train.metrics import confusion_matrix, scores_from_confusion
 
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
