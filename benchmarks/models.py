@@ -21,6 +21,7 @@ For each model (names on the command line, any registered name) and each input s
     python benchmarks/models.py mafmamba reload-mamba --sizes 512 --threads 1 --paired --repeats 5
     python benchmarks/models.py mafmamba --sizes 512 --threads 1 --breakdown
     python benchmarks/models.py mafmamba-tiny --sizes 128 --threads 2 --paired --train 8   # demo steps
+    python benchmarks/models.py mafmamba mafmamba-tiny --sizes 512 --thread-scaling 1 2
 
 ``--paired`` times every model and the baseline in ONE process, alternating them round by round
 (time only, no memory or FLOPs): on a shared machine the ratio of two runs made seconds apart is
@@ -212,6 +213,34 @@ def paired_training(names: list[str], size: int, batch: int, repeats: int, cfg: 
               f"{min(ratios):>12.2f}", flush=True)
 
 
+def thread_scaling(names: list[str], size: int, repeats: int, cfg: dict, counts: list[int]) -> None:
+    """Each model's forward at each intra-op thread count, alternated round by round in this one
+    process (torch's and, through it, the fused scan's numba threads: rsseg.models.ssm.cpu_scan)."""
+    torch.manual_seed(0)
+    models = {n: create_model(n, 6, 3, **cfg).eval() for n in [BASELINE, *names]}
+    x = torch.randn(1, 3, size, size)
+    times = {(n, c): [] for n in models for c in counts}
+    with torch.no_grad():
+        for name, model in models.items():
+            for count in counts:  # warm-up at every count (numba's pool starts at first use)
+                torch.set_num_threads(count)
+                model(x)
+        for _ in range(repeats):
+            for name, model in models.items():
+                for count in counts:
+                    torch.set_num_threads(count)
+                    start = time.perf_counter()
+                    model(x)
+                    times[name, count].append(time.perf_counter() - start)
+    print(f"{'model':<22}{'size':>6}{'threads':>9}{'best s':>9}{'median s':>10}{'speed-up vs 1st':>17}")
+    for name in models:
+        first = statistics.median(times[name, counts[0]])
+        for count in counts:
+            ts = times[name, count]
+            print(f"{name:<22}{size:>6}{count:>9}{min(ts):>9.3f}{statistics.median(ts):>10.3f}"
+                  f"{first / statistics.median(ts):>17.2f}", flush=True)
+
+
 def breakdown(name: str, size: int, repeats: int, cfg: dict) -> None:
     """Where one model's forward time goes: SS2D's parts and the rest (best of ``repeats``)."""
     from collections import defaultdict
@@ -295,6 +324,8 @@ def main() -> None:
                         help="time models and baseline alternately in this one process (time only)")
     parser.add_argument("--train", type=int, default=None, metavar="BATCH",
                         help="with --paired: time training steps of this batch instead of forwards")
+    parser.add_argument("--thread-scaling", type=int, nargs="+", default=None, metavar="N",
+                        help="time each model's forward at these thread counts, alternated in one process")
     parser.add_argument("--breakdown", action="store_true",
                         help="split each model's forward into SS2D's parts and the rest")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -307,6 +338,10 @@ def main() -> None:
         return
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, 6 classes, CPU")
+    if args.thread_scaling:
+        for size in args.sizes:
+            thread_scaling(args.models, size, args.repeats, cfg, args.thread_scaling)
+        return
     if args.breakdown:
         for size in args.sizes:
             for name in args.models:
