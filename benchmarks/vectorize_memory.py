@@ -29,7 +29,8 @@ import resource, subprocess, sys
 subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL)
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
-_CLI_IMPORTS = "import rsseg.api, rsseg.inference.mosaic, rsseg.inference.run, rsseg.inference.vectorize"
+# What `rsseg vectorize` imports (not rsseg.inference.run: that is predict's, with torch).
+_CLI_IMPORTS = "import rsseg.cli, rsseg.commands.infer, rsseg.api, rsseg.inference.mosaic, rsseg.inference.vectorize"
 _BARE_IMPORTS = "import rsseg.inference.vectorize"
 _BARE = "import sys; from rsseg.inference.vectorize import vectorize_to_file; vectorize_to_file(*sys.argv[1:3])"
 
@@ -70,7 +71,9 @@ def main() -> None:
             if args.bare:
                 if args.simplify is not None:
                     raise SystemExit("--bare measures the default simplification only")
+                t0 = time.perf_counter()
                 result[f"bare_peak_mb_{size}"] = round(peak_rss_mb([sys.executable, "-c", _BARE, str(raster), str(out)]), 1)
+                result[f"bare_seconds_{size}"] = round(time.perf_counter() - t0, 1)
                 out.unlink()
             raster.unlink()
     first, last = args.sizes[0], args.sizes[-1]

@@ -188,8 +188,13 @@ def vectorize(
     metadata). ``options``: ``simplify``, ``min_area``, ``overwrite``, ``progress``,
     ``block_rows``. Returns (files written, polygon count)."""
     from rsseg.inference.mosaic import expand_scenes, mosaic_scene
-    from rsseg.inference.run import check_not_inputs
-    from rsseg.inference.vectorize import class_info_from_raster, read_classes_file, vectorize_to_file
+    # Not rsseg.inference.run's check_not_inputs: run imports torch (0.6 GB) for predict.
+    from rsseg.inference.vectorize import (
+        check_not_inputs,
+        class_info_from_raster,
+        read_classes_file,
+        vectorize_to_file,
+    )
 
     rasters = [raster] if isinstance(raster, (str, os.PathLike)) else list(raster)
     rasters = expand_scenes([os.fspath(r) for r in rasters])

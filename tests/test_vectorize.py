@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -229,6 +231,17 @@ def test_classes_file_and_raster_without_metadata(tmp_path):
     js = tmp_path / "classes.json"
     js.write_text(json.dumps([{"name": "a", "color": [1, 2, 3]}, {"name": "b", "color": [4, 5, 6]}]))
     assert read_classes_file(js) == ClassInfo(["a", "b"], [(1, 2, 3), (4, 5, 6)])
+
+
+def test_cli_vectorize_does_not_import_torch(tmp_path):
+    """torch costs ~0.6 GB of RSS that `rsseg vectorize` does not need (issue 19)."""
+    path = write_classes(tmp_path / "c.tif", blobs(50, 60))
+    code = ("import sys; from click.testing import CliRunner; from rsseg.cli import main; "
+            f"r = CliRunner().invoke(main, ['vectorize', {str(path)!r}, '-o', {str(tmp_path / 'v.gpkg')!r}, '-q']); "
+            "assert r.exit_code == 0, r.output; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+    assert (tmp_path / "v.gpkg").exists()
 
 
 def test_cli_vectorize(tmp_path):

@@ -27,6 +27,7 @@ a region still open keeps one vertex more, see ``CoverageSimplifier``), never it
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import importlib.util
 import json
@@ -54,6 +55,7 @@ from tqdm.auto import tqdm
 
 from rsseg.errors import DataError, OutputError, UsageError, warn
 from rsseg.inference.georef import output_transform
+from rsseg.inference.paths import clashing_input
 from rsseg.inference.qgis_style import is_raster_qml, vector_qml
 from rsseg.inference.rasterio_out import NODATA_CLASS, read_class_metadata, temporary_path
 from rsseg.inference.seam_merge import (
@@ -177,6 +179,23 @@ def _no_cyclic_gc():
             gc.enable()
 
 
+def _release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc): a strip's arrays, freed, leave
+    holes that glibc keeps, and without this the process grows strip after strip."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
 def auto_block_rows(width: int, pixels: int = 1 << 24) -> int:
     """Rows per block for about ``pixels`` pixels (16 Mpx: a strip's polygonization holds about
     15-30 bytes a pixel, in GDAL and here), at least 256."""
@@ -229,15 +248,21 @@ def _seam_columns(pieces: Rag, ids: np.ndarray, classes: np.ndarray, y: int,
 
 def _split(rag: Rag) -> list[Rag]:
     """One Rag per polygon, each its own copy (a view would keep the whole strip's arrays alive
-    as long as any one piece stays open)."""
+    as long as any one piece stays open), vertices as int32: the open pieces of regions that
+    span many strips are most of what is held between strips (:func:`_widen` on use)."""
     ring_end = np.cumsum(rag.ring_counts).tolist()
     vertex_end = np.cumsum(rag.ring_sizes)
     out, r0, v0 = [], 0, 0
     for r1 in ring_end:
         v1 = int(vertex_end[r1 - 1])
-        out.append(Rag(rag.xy[v0:v1].copy(), rag.ring_sizes[r0:r1].copy(), rag.ring_counts[len(out):len(out) + 1].copy()))
+        out.append(Rag(rag.xy[v0:v1].astype(np.int32), rag.ring_sizes[r0:r1].copy(), rag.ring_counts[len(out):len(out) + 1].copy()))
         r0, v0 = r1, v1
     return out
+
+
+def _widen(piece: Rag) -> Rag:
+    """A held piece (int32, see :func:`_split`) as the int64 the merge and the simplifier need."""
+    return Rag(piece.xy.astype(np.int64), piece.ring_sizes, piece.ring_counts)
 
 
 @dataclass
@@ -272,7 +297,6 @@ class _StripPolygonizer:
         self.pieces: dict[int, Rag] = {}  # open pieces by id
         self.piece_class: dict[int, int] = {}
         self.piece_top: dict[int, int] = {}
-        self.piece_keys: dict[int, np.ndarray] = {}  # vertex keys, for the simplifier
         self.open_groups: list[int] = []  # every open piece
         self.uf = _UnionFind()
         self.seams: list[int] = []
@@ -336,29 +360,34 @@ class _StripPolygonizer:
             open_roots = {self.uf.find(int(pid)) for pid in ids[at_bottom]}
             self.peak_open = max(self.peak_open, len(self.pieces))
             still_open: list[int] = []
-            done_geoms, done_classes = [], []
+            done_geoms, done_classes, parts = [], [], []
             for root, members in groups.items():
                 if root in open_roots:
                     still_open.extend(members)
                     continue
-                parts = [self.pieces.pop(m) for m in members]
+                parts = [_widen(self.pieces.pop(m)) for m in members]
                 done_geoms.append(parts[0] if len(parts) == 1 else _merge_group(parts, self.seams))
                 done_classes.append(self.piece_class[members[0]])
                 for m in members:
                     del self.piece_class[m]
                     del self.piece_top[m]
-                    self.piece_keys.pop(m, None)
                 self.uf.forget(members)
             self.open_groups = still_open
             out_geoms.extend(done_geoms)
             out_classes.append(np.asarray(done_classes, dtype=np.int64))
             raw = Rag.concat(out_geoms)
+            out_geoms.clear()  # concat copied them
+            done_geoms.clear()
             batch = _Batch(raw, raw, np.concatenate(out_classes))
             if self.simplifier is not None:
                 batch.geoms = self.simplifier.simplify(raw, self.open_vertex_keys())
                 tops = list(self.piece_top.values())
                 self.simplifier.forget_above(min(tops) if tops else top + n)
             yield batch
+            # Nothing of this strip may outlive it: a suspended generator keeps its locals,
+            # which would hold a whole strip's polygons through the next strip's peak.
+            del batch, raw, out_geoms, done_geoms, out_classes, parts
+            _release_freed_memory()
 
     def _read_strip(self, top: int, n: int) -> np.ndarray:
         return self.ds.read(1, window=rasterio.windows.Window(0, top, self.width, n))
@@ -379,12 +408,8 @@ class _StripPolygonizer:
     def open_vertex_keys(self) -> np.ndarray:
         """Sorted unique keys (``seam_merge._keys``) of every vertex of every open piece."""
         parts = []
-        for pid, piece in self.pieces.items():
-            keys = self.piece_keys.get(pid)
-            if keys is None:
-                keys = _keys(piece.xy)
-                self.piece_keys[pid] = keys
-            parts.append(keys)
+        for piece in self.pieces.values():
+            parts.append(_keys(piece.xy.astype(np.int64)))
         return sorted_unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
 
@@ -496,17 +521,19 @@ class _MapBatches:
         with rasterio.Env(GDAL_CACHEMAX=READ_CACHE_MB), _open_class_raster(self.path) as ds:
             for batch in _StripPolygonizer(ds, self.block_rows, simplifier=simplifier,
                                            progress=self.progress, desc=f"vectorize {self.path.name}"):
-                rag, classes = batch.geoms, batch.classes
+                rag, classes, raw = batch.geoms, batch.classes, batch.raw
+                del batch  # the polygons as polygonized go once min_area has used them
                 if self.min_area > 0 and len(rag):
-                    raw = batch.raw
                     keep = self.areas_m2(raw, self.to_map(raw.xy) if self.utm is not None else raw.xy) >= self.min_area
                     rag, classes = rag.take(keep), classes[keep]
+                del raw
                 if len(rag) == 0:
                     continue
                 map_xy = self.to_map(rag.xy)
                 ids = classes.astype(np.int32)
                 class_names = [names[c] if c < len(names) else f"class_{c}" for c in ids.tolist()]
                 yield ids, class_names, Rag(map_xy, rag.ring_sizes, rag.ring_counts), self.areas_m2(rag, map_xy)
+                del rag, classes, map_xy, ids, class_names  # as in _StripPolygonizer
 
 
 def _polygon_wkb(rag: Rag) -> pa.Array:
@@ -647,6 +674,17 @@ def check_vector_output(out: Path, overwrite: bool) -> str:
     return driver
 
 
+def check_not_inputs(outputs: Sequence[Path], inputs: Sequence[Path]) -> None:
+    """Refuse any output that is one of the inputs (symlinks, relative paths, hard links
+    resolved), whatever --overwrite says: replacing the scene being read destroys it. Here, not
+    in rsseg.inference.run, so that ``rsseg vectorize`` does not import torch."""
+    for out in outputs:
+        hit = clashing_input(out, inputs)
+        if hit is not None:
+            same = "" if str(hit) == str(out) else f" (the same file as {hit})"
+            raise OutputError(f"output {out} is an input of this run{same}; choose another name")
+
+
 def check_writable(out: Path, overwrite: bool) -> None:
     out = Path(out)
     if out.exists() and not overwrite:
@@ -758,11 +796,13 @@ _SCHEMA = pa.schema([("class_id", pa.int32()), ("class_name", pa.string()), ("ar
 
 def _record_batches(batches: Iterable[tuple[np.ndarray, list[str], Rag, np.ndarray]],
                     counter: list[int]) -> Iterator[pa.RecordBatch]:
-    for ids, names, geoms, areas in batches:
+    def record(ids: np.ndarray, names: list[str], geoms: Rag, areas: np.ndarray) -> pa.RecordBatch:
         counter[0] += len(ids)
-        yield pa.record_batch([pa.array(ids, pa.int32()), pa.array(names, pa.string()),
-                               pa.array(areas, pa.float64()), _polygon_wkb(geoms)],
-                              schema=_SCHEMA)
+        return pa.record_batch([pa.array(ids, pa.int32()), pa.array(names, pa.string()),
+                                pa.array(areas, pa.float64()), _polygon_wkb(geoms)], schema=_SCHEMA)
+
+    # map: no loop variable keeps a batch's arrays alive while the next one is made.
+    yield from map(lambda batch: record(*batch), batches)
 
 
 def _write_stream(staged: Path, driver: str, layer: str, crs_wkt: str | None,
