@@ -188,7 +188,7 @@ def vectorize(
     metadata). ``options``: ``simplify``, ``min_area``, ``overwrite``, ``progress``,
     ``block_rows``. Returns (files written, polygon count)."""
     from rsseg.inference.mosaic import expand_scenes, mosaic_scene
-    # Not rsseg.inference.run's check_not_inputs: run imports torch (0.6 GB) for predict.
+    # From vectorize, not rsseg.inference.run: run imports torch (0.6 GB) for predict.
     from rsseg.inference.vectorize import (
         check_not_inputs,
         class_info_from_raster,

@@ -25,7 +25,6 @@ from torch import nn
 
 from rsseg.errors import OutputError, UsageError
 from rsseg.inference.paths import (
-    clashing_input,
     is_local_file,
     remove_stale_partials,
     scene_name,
@@ -48,6 +47,7 @@ from rsseg.inference.vectorize import (
     RASTER_SUFFIXES,
     VECTOR_DRIVERS,
     ClassInfo,
+    check_not_inputs,
     check_writable,
     vectorize_to_file,
 )
@@ -89,16 +89,6 @@ def input_files(scenes: Sequence[str | os.PathLike[str]], extra: Sequence[Path] 
         except Exception:  # unreadable scenes are reported by the scene checks, not here
             continue
     return files
-
-
-def check_not_inputs(outputs: Sequence[Path], inputs: Sequence[Path]) -> None:
-    """Refuse any output that is one of the inputs (symlinks, relative paths, hard links
-    resolved), whatever --overwrite says: replacing the scene being read destroys it."""
-    for out in outputs:
-        hit = clashing_input(out, inputs)
-        if hit is not None:
-            same = "" if str(hit) == str(out) else f" (the same file as {hit})"
-            raise OutputError(f"output {out} is an input of this run{same}; choose another name")
 
 
 def plan_outputs(scenes: Sequence[str | os.PathLike[str]], out: Path, raster: Path | None,
