@@ -202,5 +202,14 @@ def _indent(text: str, prefix: str) -> str:
     return "\n".join(prefix + line for line in text.splitlines())
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``rsseg`` entry point: huge pages for torch's tensors (see :mod:`rsseg.hugepages`),
+    which must be asked for before torch is imported, then the command group."""
+    from rsseg.hugepages import enable_torch_huge_pages
+
+    enable_torch_huge_pages()
     main()
+
+
+if __name__ == "__main__":
+    run()
