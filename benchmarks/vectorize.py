@@ -51,20 +51,23 @@ from rsseg.inference.vectorize import (
 )
 
 
-def write_class_raster(path: Path, size: int, classes: int = 6, block: int = 2048) -> Path:
-    """Smooth random regions (blurred noise, thresholded) like a land-cover map, block by block.
+def write_class_raster(path: Path, size: int, classes: int = 6, block: int = 2048,
+                       width: int | None = None) -> Path:
+    """Smooth random regions (blurred noise, thresholded) like a land-cover map, block by block:
+    ``size`` rows of ``width`` (default ``size``) columns.
 
     Each block is blurred with a margin so that regions continue across block edges.
     """
-    profile = dict(driver="GTiff", height=size, width=size, count=1, dtype="uint8", nodata=255,
+    width = width or size
+    profile = dict(driver="GTiff", height=size, width=width, count=1, dtype="uint8", nodata=255,
                    tiled=True, blockxsize=512, blockysize=512, compress="deflate",
                    crs="EPSG:32632", transform=rasterio.Affine(0.5, 0, 500000, 0, -0.5, 5400000))
     rng = np.random.default_rng(0)
-    noise = rng.random((size // 16 + 2, size // 16 + 2)).astype(np.float32)
+    noise = rng.random((size // 16 + 2, width // 16 + 2)).astype(np.float32)
     with rasterio.open(path, "w", **profile) as dst:
         for r in range(0, size, block):
-            for c in range(0, size, block):
-                h, w = min(block, size - r), min(block, size - c)
+            for c in range(0, width, block):
+                h, w = min(block, size - r), min(block, width - c)
                 coarse = noise[r // 16 : (r + h) // 16 + 2, c // 16 : (c + w) // 16 + 2]
                 fine = ndimage.zoom(coarse, 16, order=1)[:h, :w]
                 values = (fine * classes * 1.999).astype(np.uint8) % classes

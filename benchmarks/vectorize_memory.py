@@ -1,9 +1,10 @@
 """Benchmark: peak memory of ``rsseg vectorize`` does not grow with the raster.
 
-    python benchmarks/vectorize_memory.py [--sizes 4096 16384] [--speckle P] [--simplify S]
+    python benchmarks/vectorize_memory.py [--sizes 4096 16384] [--width W] [--speckle P] [--simplify S]
 
 For each size, writes a class raster (the land-cover-like map of ``benchmarks/vectorize.py``, or
-independent pixels with ``--speckle P``) and runs ``rsseg vectorize`` on it in a fresh process,
+independent pixels with ``--speckle P``; ``--width W``: rasters of ``size`` rows and ``W`` columns,
+to grow the height alone) and runs ``rsseg vectorize`` on it in a fresh process,
 reading that process's peak resident set size (``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``
 of an intermediate process that runs nothing else). ``--bare`` also runs a bare
 ``vectorize_to_file`` process (no CLI: the CLI's imports are a fixed cost every run pays, see
@@ -44,12 +45,15 @@ def peak_rss_mb(command: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--width", type=int, default=None,
+                        help="columns of every raster (default: square); growing the height alone")
     parser.add_argument("--speckle", type=float, default=None, metavar="P")
     parser.add_argument("--simplify", type=float, default=None, help="as rsseg vectorize --simplify")
     parser.add_argument("--bare", action="store_true", help="also measure a bare vectorize_to_file process")
     args = parser.parse_args()
     rsseg = [sys.executable, "-m", "rsseg.cli"]  # as the rsseg entry point, in this interpreter
-    result = {"benchmark": "vectorize_memory", "speckle": args.speckle, "simplify": args.simplify,
+    result = {"benchmark": "vectorize_memory", "width": args.width, "speckle": args.speckle,
+              "simplify": args.simplify,
               "cli_imports_mb": round(peak_rss_mb([sys.executable, "-c", _CLI_IMPORTS]), 1)}
     if args.bare:
         result["bare_imports_mb"] = round(peak_rss_mb([sys.executable, "-c", _BARE_IMPORTS]), 1)
@@ -57,9 +61,11 @@ def main() -> None:
         for size in args.sizes:
             raster = Path(tmp) / f"classes{size}.tif"
             if args.speckle is None:
-                write_class_raster(raster, size)
-            else:
+                write_class_raster(raster, size, width=args.width)
+            elif args.width is None:
                 write_speckle_raster(raster, size, args.speckle)
+            else:
+                raise SystemExit("--width is for the land-cover-like map only")
             out = Path(tmp) / f"v{size}.gpkg"
             command = [*rsseg, "vectorize", str(raster), "-o", str(out), "-q"]
             if args.simplify is not None:
