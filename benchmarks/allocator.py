@@ -10,9 +10,9 @@ default. Settings:
 - ``glibc``: the default allocator, as users run.
 - ``glibc-thp``: ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: glibc asks for transparent huge pages
   on its mmap'd chunks (the large tensors), 2 MiB pages instead of 4 KiB (glibc >= 2.35).
-- ``torch-thp``: ``THP_MEM_ALLOC_ENABLE=1``: torch's own CPU allocator aligns tensors of 2 MiB
-  and more to 2 MiB and asks for transparent huge pages on them (``madvise``); read once, at
-  torch's first allocation, so a program can set it before importing torch.
+- ``torch-thp``: ``THP_MEM_ALLOC_ENABLE=1``: torch's own CPU allocator asks the kernel for
+  transparent huge pages (``madvise``) on tensors of 2 MiB and more; read once, at torch's first
+  allocation, so a program can set it before importing torch (what ``rsseg`` does).
 - ``glibc-mallopt``: the 32 MiB mmap threshold (glibc's maximum) and no trimming, as
   ``mallopt`` at program start would set them.
 - ``jemalloc``: ``LD_PRELOAD`` libjemalloc with ``MALLOC_CONF`` keeping freed pages

@@ -4,9 +4,9 @@ Why: a CPU forward or training step allocates and frees tensors of many MiB over
 hands each one back to the kernel (mmap / munmap), and every 4 KiB page is faulted in again on
 first touch: 4.6-5.7 M minor page faults for a 2048^2 U-Net-R18 prediction or 4 training steps.
 torch's own allocator can ask the kernel for 2 MiB pages on tensors of 2 MiB and more
-(``THP_MEM_ALLOC_ENABLE=1``, read once, at torch's first CPU allocation): 16-20x fewer faults,
-half the system time, 0.77x the CPU time of a prediction and 0.86x of training steps, peak memory
-within 6 % (``python benchmarks/allocator.py``; figures in the README). No new dependency: a torch
+(``THP_MEM_ALLOC_ENABLE=1``, read once, at torch's first CPU allocation): 13-20x fewer faults,
+about half the system time, 0.78x the CPU time of a prediction and 0.86x of training steps, peak
+memory within 6 % (``python benchmarks/allocator.py``; figures in the README). No new dependency: a torch
 switch and a kernel feature; where the kernel has THP off (``never``) or lacks it, nothing is set.
 
 The command sets it before torch is imported; a user's own value (``THP_MEM_ALLOC_ENABLE=0``)

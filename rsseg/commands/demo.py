@@ -10,6 +10,7 @@ from rsseg.inference.demo import DemoConfig
 
 _DEFAULTS = DemoConfig()  # the help shows the run's real defaults
 
+
 @click.command("demo")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("rsseg-demo"), show_default=True,
               help="Folder for the data, the run, the scene and the QGIS-ready outputs.")
