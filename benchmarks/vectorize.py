@@ -42,7 +42,7 @@ from rsseg.inference.rasterio_out import NODATA_CLASS
 from rsseg.inference.vectorize import (
     GPKG_VERSION,
     _MapBatches,
-    auto_block_rows,
+    auto_block_shape,
     class_info_from_raster,
     polygonize_pixels,
     polygonize_whole,
@@ -131,7 +131,7 @@ def main() -> None:
                         help="skip the vertex-for-vertex comparison (it holds every polygon twice)")
     args = parser.parse_args()
     result = {"benchmark": "vectorize", "size": args.size, "speckle": args.speckle,
-              "block_rows": args.block_rows or auto_block_rows(args.size)}
+              "block": [args.block_rows, args.size] if args.block_rows else list(auto_block_shape(args.size))}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         path = tmp / "classes.tif"

@@ -186,7 +186,7 @@ def vectorize(
     per-area jobs) are vectorized as one mosaic, so polygons are whole across their borders.
     ``classes``: a bundle, JSON or text file of names/colours (default: the first raster's own
     metadata). ``options``: ``simplify``, ``min_area``, ``overwrite``, ``progress``,
-    ``block_rows``. Returns (files written, polygon count)."""
+    ``block_rows``, ``block_cols``. Returns (files written, polygon count)."""
     from rsseg.inference.mosaic import expand_scenes, mosaic_scene
     # From vectorize, not rsseg.inference.run: run imports torch (0.6 GB) for predict.
     from rsseg.inference.vectorize import (

@@ -73,12 +73,15 @@ def normalized(geoms, ids):
 
 
 @pytest.mark.parametrize("kind", ["blobs", "salt_and_pepper"])
-@pytest.mark.parametrize("block_rows", [2, 3, 16])
-def test_seam_merge_gives_gdal_polygons_vertex_for_vertex(tmp_path, monkeypatch, kind, block_rows):
+@pytest.mark.parametrize("block_rows, block_cols", [(2, None), (3, None), (16, None), (16, 16), (7, 11), (1, 1),
+                                                    (50, 2)])
+def test_seam_merge_gives_gdal_polygons_vertex_for_vertex(tmp_path, monkeypatch, kind, block_rows, block_cols):
     """The hand-written seam merge alone (GEOS's union, its fallback, is forbidden here) gives
-    valid polygons equal, vertex for vertex, to whole-raster GDAL polygonization, also where
-    merging makes pinches between pieces that touched only at a corner."""
-    classes = blobs(110, 95, seed=block_rows) if kind == "blobs" else salt_and_pepper(61, 53, block_rows)
+    valid polygons equal, vertex for vertex, to whole-raster GDAL polygonization, across seam rows
+    and seam columns (blocks down to one pixel, where four blocks meet at every corner), also
+    where merging makes pinches between pieces that touched only at a corner."""
+    seed = block_rows + (block_cols or 0)
+    classes = blobs(110, 95, seed=seed) if kind == "blobs" else salt_and_pepper(61, 53, seed)
     classes[20:29, 5:20] = 255
     path = write_classes(tmp_path / "c.tif", classes)
 
@@ -87,7 +90,7 @@ def test_seam_merge_gives_gdal_polygons_vertex_for_vertex(tmp_path, monkeypatch,
 
     monkeypatch.setattr(shapely, "union_all", no_union)
     monkeypatch.setattr(vectorize, "SMALL_MERGE_VERTICES", 0)  # small groups go to GEOS otherwise
-    geoms_b, ids_b = polygonize_pixels(path, block_rows=block_rows)
+    geoms_b, ids_b = polygonize_pixels(path, block_rows=block_rows, block_cols=block_cols)
     geoms_w, ids_w = polygonize_whole(path)
     assert shapely.is_valid(np.asarray(geoms_b, dtype=object)).all()
     assert normalized(geoms_b, ids_b) == normalized(geoms_w, ids_w)
@@ -339,15 +342,18 @@ def _whole_in_map_units(path: Path):
 
 
 @pytest.mark.parametrize("kind", ["blobs", "salt_and_pepper"])
-@pytest.mark.parametrize("block_rows", [1, 2, 5, 16, 1000])
-def test_streamed_file_equals_whole_raster_polygonization(tmp_path, kind, block_rows):
-    """Unsimplified, the file written strip by strip holds exactly GDAL's whole-raster polygons
-    (normalized WKB), with nodata holes inside and strips down to one row."""
-    classes = blobs(90, 70, seed=block_rows) if kind == "blobs" else salt_and_pepper(57, 49, block_rows)
+@pytest.mark.parametrize("block_rows, block_cols", [(1, None), (2, None), (5, None), (16, None), (1000, None),
+                                                    (16, 16), (5, 9), (1000, 8)])
+def test_streamed_file_equals_whole_raster_polygonization(tmp_path, kind, block_rows, block_cols):
+    """Unsimplified, the file written block by block holds exactly GDAL's whole-raster polygons
+    (normalized WKB), with nodata holes inside, strips down to one row and blocks cut in columns."""
+    seed = block_rows + (block_cols or 0)
+    classes = blobs(90, 70, seed=seed) if kind == "blobs" else salt_and_pepper(57, 49, seed)
     classes[10:25, 5:30] = 255
     classes[40:44, 40:] = 255
     path = write_classes(tmp_path / "c.tif", classes)
-    files, n = vectorize_to_file(path, tmp_path / "v.gpkg", simplify=0, block_rows=block_rows)
+    files, n = vectorize_to_file(path, tmp_path / "v.gpkg", simplify=0, block_rows=block_rows,
+                                 block_cols=block_cols)
     back = _read_back(tmp_path / "v.gpkg")
     geoms, ids = _whole_in_map_units(path)
     assert n == len(back) == len(geoms)
@@ -368,8 +374,9 @@ def _assert_valid_coverage(geoms: np.ndarray, valid_area: float, exact_union=Non
 
 
 @pytest.mark.parametrize("kind", ["blobs", "salt_and_pepper", "speckle"])
-@pytest.mark.parametrize("block_rows", [1, 3, 16, 1000])
-def test_simplified_output_is_a_valid_coverage(tmp_path, kind, block_rows):
+@pytest.mark.parametrize("block_rows, block_cols", [(1, None), (3, None), (16, None), (1000, None), (16, 16),
+                                                    (3, 7), (1000, 12)])
+def test_simplified_output_is_a_valid_coverage(tmp_path, kind, block_rows, block_cols):
     if kind == "blobs":
         classes = blobs(100, 80, seed=block_rows)
     elif kind == "salt_and_pepper":
@@ -380,17 +387,17 @@ def test_simplified_output_is_a_valid_coverage(tmp_path, kind, block_rows):
     classes[:, :3] = 255
     path = write_classes(tmp_path / "c.tif", classes)
     raw = vectorize_raster(path, simplify=0)
-    files, n = vectorize_to_file(path, tmp_path / "s.gpkg", block_rows=block_rows)
+    files, n = vectorize_to_file(path, tmp_path / "s.gpkg", block_rows=block_rows, block_cols=block_cols)
     simple = _read_back(tmp_path / "s.gpkg")
     assert n == len(simple) == len(raw)
     geoms = simple.geometry.to_numpy()
     _assert_valid_coverage(geoms, (classes != 255).sum() * 0.25, shapely.union_all(raw.geometry.to_numpy()))
-    # Tiny strips simplify a little less (a chain shared with a region still open keeps a vertex).
+    # Tiny blocks simplify a little less (a chain shared with a region still open keeps a vertex).
     kept = shapely.get_num_coordinates(geoms).sum() / shapely.get_num_coordinates(raw.geometry.to_numpy()).sum()
-    assert kept < (0.9 if block_rows >= 16 else 0.96)
+    assert kept < (0.9 if min(block_rows, block_cols or 1000) >= 12 else 0.96)
     np.testing.assert_allclose(simple.area_m2, simple.geometry.area)
     # The GeoDataFrame API runs the same pipeline.
-    same = vectorize_raster(path, block_rows=block_rows)
+    same = vectorize_raster(path, block_rows=block_rows, block_cols=block_cols)
     assert normalized(same.geometry.to_numpy(), same.class_id.tolist()) == normalized(geoms, simple.class_id.tolist())
 
 
@@ -417,11 +424,11 @@ def test_streamed_writer_holds_a_bounded_number_of_polygons(tmp_path, monkeypatc
     from rsseg.inference import vectorize as v
 
     events: list[tuple[str, int]] = []
-    real_read, real_write = v._StripPolygonizer._read_strip, v._write_stream
+    real_read, real_write = v._BlockPolygonizer._read_block, v._write_stream
 
-    def read_strip(self, top, n):
+    def read_block(self, top, left, n, m):
         events.append(("read", len(self.pieces)))
-        return real_read(self, top, n)
+        return real_read(self, top, left, n, m)
 
     def write_stream(staged, driver, layer, crs_wkt, batches):
         def counted():
@@ -430,7 +437,7 @@ def test_streamed_writer_holds_a_bounded_number_of_polygons(tmp_path, monkeypatc
                 yield batch
         real_write(staged, driver, layer, crs_wkt, counted())
 
-    monkeypatch.setattr(v._StripPolygonizer, "_read_strip", read_strip)
+    monkeypatch.setattr(v._BlockPolygonizer, "_read_block", read_block)
     monkeypatch.setattr(v, "_write_stream", write_stream)
     peaks = {}
     for height in (160, 640):
@@ -453,20 +460,32 @@ def test_an_error_midway_leaves_no_output_and_no_partial(tmp_path, monkeypatch, 
     from rsseg.inference import vectorize as v
 
     path = write_classes(tmp_path / "c.tif", blobs(120, 60, seed=2))
-    real_read = v._StripPolygonizer._read_strip
+    real_read = v._BlockPolygonizer._read_block
     calls = []
 
-    def failing_read(self, top, n):
+    def failing_read(self, top, left, n, m):
         calls.append(top)
         if len(calls) == 5:
             raise DataError("the disk went away")
-        return real_read(self, top, n)
+        return real_read(self, top, left, n, m)
 
-    monkeypatch.setattr(v._StripPolygonizer, "_read_strip", failing_read)
+    monkeypatch.setattr(v._BlockPolygonizer, "_read_block", failing_read)
     out = tmp_path / f"v{suffix}"
     with pytest.raises(DataError, match="disk went away"):
         vectorize_to_file(path, out, block_rows=10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tif"]  # no output, no partial, no .qml
-    monkeypatch.setattr(v._StripPolygonizer, "_read_strip", real_read)
+    monkeypatch.setattr(v._BlockPolygonizer, "_read_block", real_read)
     files, n = vectorize_to_file(path, out, block_rows=10)
     assert files[0] == out and len(_read_back(out)) == n > 0
+
+
+def test_default_blocks_are_about_16_mpx_and_square_on_wide_rasters():
+    """Up to 4096 columns, full-width strips; wider rasters are cut into columns too, so a
+    block's working set stays that of a 4096 x 4096 block however wide the raster."""
+    from rsseg.inference.vectorize import auto_block_shape
+
+    assert auto_block_shape(1000) == (16777, 1000)
+    assert auto_block_shape(4096) == (4096, 4096)
+    assert auto_block_shape(16384) == (4096, 4096)
+    assert auto_block_shape(5000) == (6710, 2500)  # two equal columns, not 4096 + 904
+    assert auto_block_shape(10) == (1677721, 10)

@@ -127,7 +127,8 @@ def _loveda_submission(scenes, out, bundle, batch_size, tta, device, raster, con
 @click.option("--simplify", default=None, type=float,
               help="Simplification tolerance in map units (default: one pixel; 0: none).")
 @click.option("--block-rows", default=None, type=int,
-              help="Rows polygonized at a time (default: about 32 million pixels per block).")
+              help="Polygonize full-width strips of this many rows (default: blocks of about 16 "
+                   "million pixels, 4096 x 4096 on rasters wider than 4096).")
 @click.option("--overwrite", is_flag=True, help="Replace the output if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def vectorize(rasters, out, classes_file, min_area, simplify, block_rows, overwrite, quiet) -> None:

@@ -1,18 +1,19 @@
-"""Pixel polygons as flat arrays: exact union of strip pieces, and coverage simplification.
+"""Pixel polygons as flat arrays: exact union of block pieces, and coverage simplification.
 
 Both work on polygons whose corners are pixel corners (integers; x = column, y = row), held as
 flat arrays (:class:`Rag`). The simplifier is described at :class:`CoverageSimplifier`.
 
-Union of pixel-region pieces that were polygonized strip by strip (hand-written).
+Union of pixel-region pieces that were polygonized block by block (hand-written).
 
 Why not ``shapely.union_all``: GEOS's overlay nodes every segment of every piece, and the few
-regions that span many strips carry hundreds of thousands of vertices; at 8192² that union took
+regions that span many blocks carry hundreds of thousands of vertices; at 8192² that union took
 30 s of a 68 s blockwise run, more than half of what polygonizing the whole raster costs
 (``benchmarks/vectorize.py``). No library offers a cheaper exact union for this case, and the
 case is special enough to need none: corners are integers, edges are axis-parallel, and pieces of
-one region touch only along the seam rows between strips. The union is then an edge operation:
-drop the seam edges two pieces share, and re-link the ring parts at the vertices on the seams
-and at the vertices the rings pass more than once. Every other vertex is copied as it is.
+one region touch only along the seams between blocks (rows and columns). The union is then an
+edge operation: drop the seam edges two pieces share, and re-link the ring parts at the vertices
+on the seams and at the vertices the rings pass more than once. Every other vertex is copied as
+it is.
 
 Where four pixels meet at a vertex with the region on two diagonal ones (a pinch, which merging
 can create anywhere two pieces touch at a corner), the rings are linked so that they turn right,
@@ -116,33 +117,36 @@ class Rag:
         return shapely.from_ragged_array(shapely.GeometryType.POLYGON, closed.astype(np.float64), offsets)
 
 
-def merge_seam_pieces(pieces: Sequence[shapely.Polygon], seam_rows: Iterable[int]) -> shapely.Polygon | None:
+def merge_seam_pieces(pieces: Sequence[shapely.Polygon], seam_rows: Iterable[int],
+                      seam_cols: Iterable[int] = ()) -> shapely.Polygon | None:
     """The union of ``pieces`` (pixel coordinates: x = column, y = row), or None.
 
-    ``pieces`` are parts of one 4-connected region, each polygonized inside one strip of rows;
-    ``seam_rows`` are the row coordinates where strips meet. None means an invariant of that
-    setting did not hold (a vertex that cannot be linked, not exactly one outer ring); the caller
-    then falls back to a general union. See :func:`merge_rag`.
+    ``pieces`` are parts of one 4-connected region, each polygonized inside one block;
+    ``seam_rows`` and ``seam_cols`` are the row and column coordinates where blocks meet. None
+    means an invariant of that setting did not hold (a vertex that cannot be linked, not exactly
+    one outer ring); the caller then falls back to a general union. See :func:`merge_rag`.
     """
-    merged = merge_rag(Rag.from_shapely(pieces), seam_rows)
+    merged = merge_rag(Rag.from_shapely(pieces), seam_rows, seam_cols)
     return None if merged is None else merged.to_shapely()[0]
 
 
-def merge_rag(pieces: Rag, seam_rows: Iterable[int]) -> Rag | None:
+def merge_rag(pieces: Rag, seam_rows: Iterable[int], seam_cols: Iterable[int] = ()) -> Rag | None:
     """:func:`merge_seam_pieces` on flat arrays: one polygon, or None.
 
     Vectorized throughout but for one loop over integers: a speckled region can have hundreds of
     thousands of holes and pinches.
     """
-    seams = sorted_unique(np.fromiter(seam_rows, dtype=np.int64))
+    seam_y = sorted_unique(np.fromiter(seam_rows, dtype=np.int64))
+    seam_x = sorted_unique(np.fromiter(seam_cols, dtype=np.int64))
     sizes_all, starts_all = pieces.ring_sizes, pieces.ring_starts()
     is_shell = np.zeros(len(sizes_all), dtype=bool)
     is_shell[pieces.shell_rings()] = True
-    # A ring that reaches no seam is a hole closed inside its strip: copied as it is, and left
+    # A ring that reaches no seam is a hole closed inside its block: copied as it is, and left
     # out of the work (a speckled region has many). Only shells reach the seams.
     ring_all, pos_all = _runs(sizes_all)
-    y = pieces.xy[:, 1]
-    reaches = np.bincount(ring_all, weights=np.isin(y, seams), minlength=len(sizes_all)) > 0
+    touching = np.isin(pieces.xy[:, 1], seam_y) | np.isin(pieces.xy[:, 0], seam_x)
+    reaches = np.bincount(ring_all, weights=touching, minlength=len(sizes_all)) > 0
+    del touching
     aside = np.flatnonzero(~reaches)
     work = np.flatnonzero(reaches)
     # Shells counter-clockwise, holes clockwise (x right, y down: the shoelace sign flips, but
@@ -157,7 +161,8 @@ def merge_rag(pieces: Rag, seam_rows: Iterable[int]) -> Rag | None:
 
     # Rings are cut where the union may link them differently from the pieces: on the seams,
     # and at every vertex the rings pass more than once (pinches between or inside pieces).
-    on_seam = np.isin(xy[:, 1], seams)
+    on_row, on_col = np.isin(xy[:, 1], seam_y), np.isin(xy[:, 0], seam_x)
+    on_seam = on_row | on_col
     _, vertex, passes = np.unique(_keys(xy), return_inverse=True, return_counts=True)
     cut = on_seam | (passes[vertex] > 1)
     touches = np.bincount(ring, weights=cut, minlength=len(size)) > 0
@@ -171,38 +176,49 @@ def merge_rag(pieces: Rag, seam_rows: Iterable[int]) -> Rag | None:
     # In 1 .. size: a ring cut once is one part, the whole ring.
     n_edges = (pos[stops] - pos[starts] - 1) % size[part_ring] + 1
 
-    # An edge lying on a seam is split into unit edges, so that the edges two pieces share can
-    # be matched one for one whatever their lengths; a shared edge (met twice, once each way)
-    # is interior to the union and dropped.
-    on_seam_edge = (n_edges == 1) & on_seam[starts] & (xy[starts, 1] == xy[stops, 1])
-    x0, x1, y = xy[starts[on_seam_edge], 0], xy[stops[on_seam_edge], 0], xy[starts[on_seam_edge], 1]
-    length, step = np.abs(x1 - x0), np.sign(x1 - x0)
-    edge, k = _runs(length)
-    unit_x0 = x0[edge] + step[edge] * k
-    unit_x1 = unit_x0 + step[edge]
-    unit_y = y[edge]
-    _, unit, uses = np.unique(_keys(np.stack([np.minimum(unit_x0, unit_x1), unit_y], 1)),
-                              return_inverse=True, return_counts=True)
-    if (uses > 2).any():
-        return None
-    kept = uses[unit] == 1
-    unit_x0, unit_x1, unit_y = unit_x0[kept], unit_x1[kept], unit_y[kept]
+    # An edge lying on a seam (a horizontal one on a seam row, a vertical one on a seam column)
+    # is split into unit edges, so that the edges two pieces share can be matched one for one
+    # whatever their lengths; a shared edge (met twice, once each way) is interior to the union
+    # and dropped.
+    single = n_edges == 1
+    row_edge = single & on_row[starts] & (xy[starts, 1] == xy[stops, 1])
+    col_edge = single & on_col[starts] & (xy[starts, 0] == xy[stops, 0])
+    on_seam_edge = row_edge | col_edge
+    units = []
+    for edges, along in ((row_edge, 0), (col_edge, 1)):
+        # In (along, across) coordinates: x, y for seam rows; y, x for seam columns.
+        a0, a1 = xy[starts[edges], along], xy[stops[edges], along]
+        across = xy[starts[edges], 1 - along]
+        length, step = np.abs(a1 - a0), np.sign(a1 - a0)
+        edge, k = _runs(length)
+        u0 = a0[edge] + step[edge] * k
+        u1, u_across = u0 + step[edge], across[edge]
+        _, unit, uses = np.unique(_keys(np.stack([np.minimum(u0, u1), u_across], 1)),
+                                  return_inverse=True, return_counts=True)
+        if (uses > 2).any():
+            return None
+        kept = uses[unit] == 1
+        start, stop = np.empty((int(kept.sum()), 2), dtype=np.int64), np.empty((int(kept.sum()), 2), dtype=np.int64)
+        start[:, along], start[:, 1 - along] = u0[kept], u_across[kept]
+        stop[:, along], stop[:, 1 - along] = u1[kept], u_across[kept]
+        units.append((start, stop))
+    unit_start = np.concatenate([units[0][0], units[1][0]])
+    unit_stop = np.concatenate([units[0][1], units[1][1]])
 
     # Chains: the ring parts off the seam edges, then the kept unit edges. Each is emitted as
     # its vertices but the last: ``n`` vertices of ``table`` from ``base + offset`` on, modulo
     # ``period`` (a ring's size; 1 for a unit edge, whose start is appended to the table).
     part = ~on_seam_edge
     p_start, p_stop, p_ring = starts[part], stops[part], part_ring[part]
-    n_units = len(unit_x0)
-    unit_start = np.stack([unit_x0, unit_y], 1)
-    unit_dir = np.stack([unit_x1 - unit_x0, np.zeros_like(unit_y)], 1)
+    n_units = len(unit_start)
+    unit_dir = unit_stop - unit_start
     table = np.concatenate([xy, unit_start])
     base = np.concatenate([first[p_ring], len(xy) + np.arange(n_units)])
     offset = np.concatenate([pos[p_start], np.zeros(n_units, dtype=np.int64)])
     period = np.concatenate([size[p_ring], np.ones(n_units, dtype=np.int64)])
     n = np.concatenate([n_edges[part], np.ones(n_units, dtype=np.int64)])
     begin = np.concatenate([xy[p_start], unit_start])
-    end = np.concatenate([xy[p_stop], np.stack([unit_x1, unit_y], 1)])
+    end = np.concatenate([xy[p_stop], unit_stop])
     after_begin = first[p_ring] + (pos[p_start] + 1) % size[p_ring]
     before_end = first[p_ring] + (pos[p_stop] - 1) % size[p_ring]
     first_dir = np.concatenate([xy[after_begin] - xy[p_start], unit_dir])
@@ -225,7 +241,7 @@ def merge_rag(pieces: Rag, seam_rows: Iterable[int]) -> Rag | None:
     if positive.sum() != 1:  # exactly one outer ring: the region is 4-connected
         return None
     # A ring without cuts is a hole, copied as it is: a piece's shell always reaches a seam
-    # (or the piece would not need merging), and a hole is closed inside its strip.
+    # (or the piece would not need merging), and a hole is closed inside its block.
     order = np.r_[np.flatnonzero(positive), np.flatnonzero(~positive)]
     new = Rag(ring_xy, ring_sizes, np.ones(len(ring_sizes), dtype=np.int64)).take(order)
     kept_rings = np.r_[work[~touches], aside]
@@ -583,11 +599,11 @@ class CoverageSimplifier:
         self.lost = np.zeros(0, dtype=np.int64)  # positions those chains lost
 
     def add_nodes(self, ys: np.ndarray, xs: np.ndarray) -> None:
-        """Nodes on vertex rows below every row added so far (row-major)."""
+        """More nodes (vertex positions), added block by block."""
         if len(ys) == 0:
             return
         xy = np.stack([np.asarray(xs, dtype=np.int64), np.asarray(ys, dtype=np.int64)], 1)
-        self.nodes_yx = np.concatenate([self.nodes_yx, _yx_keys(xy)])
+        self.nodes_yx = np.sort(np.concatenate([self.nodes_yx, _yx_keys(xy)]))
         self.nodes_xy = np.sort(np.concatenate([self.nodes_xy, _keys(xy)]))
 
     def forget_above(self, y: int) -> None:
@@ -617,6 +633,7 @@ class CoverageSimplifier:
         chains_in_ring = np.maximum(nodes_in_ring, 1)
         chain = (np.cumsum(chains_in_ring) - chains_in_ring).astype(np.int32)[ring]
         chain += np.where(seen == 0, chains_in_ring[ring].astype(np.int32), seen) - 1
+        del seen  # per-vertex temporaries go as soon as used: this runs on a block's millions
         n_chains = int(chains_in_ring.sum())
         chain_ring = np.repeat(np.arange(len(size)), chains_in_ring)
         interior = ~node
@@ -655,6 +672,7 @@ class CoverageSimplifier:
         anchor = np.flatnonzero(interior & free[chain] & (vkeys == chain_key[chain]))
         start_at[chain[anchor]] = anchor
         second_key = vkeys[nxt[start_at]]
+        del at_node, anchor
 
         all_keys = sorted_unique(np.concatenate([vkeys, open_keys]))
         active = interior & primary[chain]
@@ -688,6 +706,7 @@ class CoverageSimplifier:
             raise AssertionError("coverage simplification: a chain's two occurrences differ")
         drop = removed
         drop[v] = removed[twin]
+        del v, c2, c1, r2, j, k, r1, twin
 
         # Chains simplified with a polygon written before lose the positions remembered then.
         closing = np.zeros(n_chains, dtype=bool)
@@ -707,8 +726,11 @@ class CoverageSimplifier:
             old_lost = old_lost[~_isin_sorted(old_lost, sorted_unique(closing_positions))]
         self.lost = sorted_unique(np.concatenate([old_lost, vkeys[drop & ~on_closing & opening[chain]]]))
         kept = ~drop
-        return Rag(np.stack([x[kept], y[kept]], 1).astype(np.int64),
-                   np.bincount(ring[kept], minlength=len(size)), polygons.ring_counts)
+        del drop, removed, on_closing, node, interior, chain
+        kept_xy = np.empty((int(kept.sum()), 2), dtype=np.int64)
+        kept_xy[:, 0] = x[kept]
+        kept_xy[:, 1] = y[kept]
+        return Rag(kept_xy, np.bincount(ring[kept], minlength=len(size)), polygons.ring_counts)
 
     def _insert_nodes(self, x: np.ndarray, y: np.ndarray,
                       size: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -734,32 +756,43 @@ class CoverageSimplifier:
         maybe = np.where(horizontal, rows[y], cols[x])
         maybe &= (np.abs(dx) + np.abs(dy)) >= 2
         seg = np.flatnonzero(maybe)
-        if len(seg) == 0:
+        del maybe
+        # In slices: nearly every edge of a batch is a candidate, and a dozen int64 columns over
+        # all of them were the largest part of a block's simplification memory; the edges that
+        # do hold a node (T-junctions) are few.
+        hits = []
+        for at in range(0, len(seg), 1 << 20):
+            some = seg[at:at + (1 << 20)]
+            hor = horizontal[some]
+            sx, sy = x[some].astype(np.int64), y[some].astype(np.int64)
+            # Horizontal edges search the nodes by (y, x), vertical ones by (x, y).
+            line = np.where(hor, sy, sx) << 32
+            along = np.where(hor, sx, sy)
+            step = np.where(hor, dx[some], dy[some]).astype(np.int64)
+            lo = line + np.minimum(along, along + step) + 1
+            hi = line + np.maximum(along, along + step) - 1
+            left = np.empty(len(some), dtype=np.int64)
+            right = np.empty(len(some), dtype=np.int64)
+            for table, which in ((self.nodes_yx, hor), (self.nodes_xy, ~hor)):
+                left[which] = np.searchsorted(table, lo[which], "left")
+                right[which] = np.searchsorted(table, hi[which], "right")
+            holds = right > left
+            hits.append((some[holds], hor[holds], step[holds], left[holds], right[holds]))
+        del seg, dx, dy, horizontal
+        if not hits or not any(len(hit[0]) for hit in hits):
             return x, y, size
-        hor = horizontal[seg]
-        sx, sy = x[seg].astype(np.int64), y[seg].astype(np.int64)
-        # Horizontal edges search the nodes by (y, x), vertical ones by (x, y).
-        line = np.where(hor, sy, sx) << 32
-        along = np.where(hor, sx, sy)
-        step = np.where(hor, dx[seg], dy[seg]).astype(np.int64)
-        lo = line + np.minimum(along, along + step) + 1
-        hi = line + np.maximum(along, along + step) - 1
-        left = np.empty(len(seg), dtype=np.int64)
-        right = np.empty(len(seg), dtype=np.int64)
-        for table, which in ((self.nodes_yx, hor), (self.nodes_xy, ~hor)):
-            left[which] = np.searchsorted(table, lo[which], "left")
-            right[which] = np.searchsorted(table, hi[which], "right")
-        extra = np.maximum(right - left, 0)
-        if not extra.any():
-            return x, y, size
+        seg, hor, step, left, right = (np.concatenate(column) for column in zip(*hits))
+        extra = right - left
         owner, k = _runs(extra)
         at = np.where(step[owner] > 0, left[owner] + k, right[owner] - 1 - k)
         from_yx = hor[owner]
         key = np.where(from_yx, self.nodes_yx[np.where(from_yx, at, 0)], self.nodes_xy[np.where(from_yx, 0, at)])
         hi32, lo32 = (key >> 32).astype(np.int32), (key & 0xFFFFFFFF).astype(np.int32)
-        grow = np.zeros(len(x), dtype=np.int64)
-        grow[seg] = extra
-        start = np.cumsum(1 + grow) - (1 + grow)
+        grow = np.ones(len(x), dtype=np.int64)  # each vertex, and the nodes inserted after it
+        grow[seg] += extra
+        start = np.cumsum(grow)
+        start -= grow
+        del grow
         slots = start[seg[owner]] + 1 + k
         out_x = np.empty(len(x) + len(key), dtype=np.int32)
         out_y = np.empty(len(x) + len(key), dtype=np.int32)

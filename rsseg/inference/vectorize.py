@@ -1,27 +1,28 @@
-"""Class raster -> polygons, streamed strip by strip, equal to whole-raster polygonization.
+"""Class raster -> polygons, streamed block by block, equal to whole-raster polygonization.
 
-``rasterio.features.shapes`` needs the whole array in memory. Here the raster is read in strips
-of rows, each polygonized by ``shapes`` on its class values. A polygon that reaches neither the
-strip's top nor its bottom is a whole region. Regions that continue across the seam between two
-strips are found by the columns their pieces' edges cover on the seam (same class, same column),
-joined with a union-find, and merged once no later strip can touch them
+``rasterio.features.shapes`` needs the whole array in memory. Here the raster is read in blocks
+(full-width strips of rows up to 4096 columns; wider rasters also cut into columns, blocks of
+about 16 Mpx), each polygonized by ``shapes`` on its class values. A polygon that reaches no edge
+its block shares with another block is a whole region. Regions that continue across a seam
+between two blocks are found by the pixels their pieces' edges cover on the seam (same class,
+same pixel), joined with a union-find, and merged once no later block can touch them
 (``rsseg.inference.seam_merge``: shared seam edges dropped, rings re-linked; small groups by
 GEOS's union). Pixel corners are integers in the working coordinates, so the merge is exact and
 the result equals whole-raster polygonization vertex for vertex (tests/test_vectorize.py).
-:func:`vectorize_to_file` writes each strip's finished polygons as they come (one open dataset,
-fed an Arrow stream), so memory does not grow with the raster's height: a strip of pixels and
-the regions still open are held, nothing else. Polygons travel as flat arrays (``Rag``) from
-``shapes`` to the WKB written; no shapely geometry is built on the way.
+:func:`vectorize_to_file` writes each block's finished polygons as they come (one open dataset,
+fed an Arrow stream), so memory grows neither with the raster's height nor with its width: a
+block of pixels and the regions still open are held, nothing else. Polygons travel as flat
+arrays (``Rag``) from ``shapes`` to the WKB written; no shapely geometry is built on the way.
 
 Simplification (default one pixel) is Visvalingam-Whyatt on the shared edge network
 (``seam_merge.CoverageSimplifier``): every chain of edges between two polygons is simplified
 once, with the first of its two polygons to be finished, and the same vertices leave both, so
-neighbours keep meeting without gaps or overlaps, across strips too. A vertex goes only while
+neighbours keep meeting without gaps or overlaps, across blocks too. A vertex goes only while
 its triangle holds no other vertex, so no edge crosses another and every polygon stays valid.
 Edges along nodata and the scene edge are left as they are: the polygons' union stays exactly
 the valid pixels. Where a polygon's corner lies on a neighbour's straight side (a T-junction)
 the neighbour gets that vertex too, so the output is a noded coverage
-(``shapely.coverage_is_valid``). The result depends a little on the strips (a chain shared with
+(``shapely.coverage_is_valid``). The result depends a little on the blocks (a chain shared with
 a region still open keeps one vertex more, see ``CoverageSimplifier``), never its validity.
 """
 
@@ -31,6 +32,7 @@ import ctypes
 import gc
 import importlib.util
 import json
+import math
 import os
 import sqlite3
 import warnings
@@ -73,8 +75,8 @@ RASTER_SUFFIXES = (".tif", ".tiff")
 # GeoPackage 1.2: GDAL >= 3.7 writes 1.4 by default, which QGIS 3.22's GDAL (3.6, Debian 12)
 # warns about on every load; 1.2 is read without a warning by every GDAL since 2.2.
 GPKG_VERSION = "1.2"
-# GDAL's block cache while strips are read: each strip is read once, and the default cache (5 %
-# of RAM) would otherwise keep every strip read, growing the process with the raster's height.
+# GDAL's block cache while blocks are read: each block is read once, and the default cache (5 %
+# of RAM) would otherwise keep every block read, growing the process with the raster's size.
 READ_CACHE_MB = 64
 # Fallback colours for rasters that carry none (a qualitative palette).
 _PALETTE = [
@@ -148,9 +150,9 @@ def _records_to_rag(records: list[tuple[dict, float]]) -> tuple[Rag, np.ndarray]
     return Rag(xy[is_open].astype(np.int64), ring_sizes - 1, rings_per_polygon), values.astype(np.int64)
 
 
-def _strip_polygons(classes: np.ndarray, transform: rasterio.Affine,
+def _block_polygons(classes: np.ndarray, transform: rasterio.Affine,
                     chunk: int = 2048) -> tuple[Rag, np.ndarray]:
-    """``shapes`` of a strip as flat arrays, converted ``chunk`` polygons at a time (as Python
+    """``shapes`` of a block as flat arrays, converted ``chunk`` polygons at a time (as Python
     objects a polygon's vertex costs ~100 bytes, as arrays 16)."""
     records = rasterio.features.shapes(classes, mask=classes != NODATA_CLASS, connectivity=4,
                                        transform=transform)
@@ -169,7 +171,7 @@ def _strip_polygons(classes: np.ndarray, transform: rasterio.Affine,
 def _no_cyclic_gc():
     """Python's cyclic garbage collector off: ``shapes`` builds millions of small dicts, lists and
     tuples (no cycles, freed by reference counting), and the collector's passes over them cost
-    a third of the strip's polygonization."""
+    a third of the block's polygonization."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -180,8 +182,8 @@ def _no_cyclic_gc():
 
 
 def _release_freed_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc): a strip's arrays, freed, leave
-    holes that glibc keeps, and without this the process grows strip after strip."""
+    """Hand the heap's free pages back to the system (glibc): a block's arrays, freed, leave
+    holes that glibc keeps, and without this the process grows block after block."""
     if _malloc_trim is not None:
         _malloc_trim(0)
 
@@ -196,10 +198,15 @@ def _load_malloc_trim():
 _malloc_trim = _load_malloc_trim()
 
 
-def auto_block_rows(width: int, pixels: int = 1 << 24) -> int:
-    """Rows per block for about ``pixels`` pixels (16 Mpx: a strip's polygonization holds about
-    15-30 bytes a pixel, in GDAL and here), at least 256."""
-    return max(256, pixels // max(width, 1))
+def auto_block_shape(width: int, pixels: int = 1 << 24) -> tuple[int, int]:
+    """(rows, columns) of blocks of about ``pixels`` pixels (16 Mpx: a block's polygonization
+    and simplification hold about 50 bytes a pixel, in GDAL and here). Rasters up to
+    sqrt(pixels) wide go in full-width strips; wider ones are cut into columns too, about
+    square, so that a block's working set does not grow with the raster's width."""
+    side = math.isqrt(pixels)
+    n_cols = -(-max(width, 1) // side)
+    cols = -(-max(width, 1) // n_cols)
+    return max(256, pixels // cols), cols
 
 
 # Merge groups with at most this many vertices go to GEOS's union (then the collinear vertices
@@ -209,47 +216,57 @@ def auto_block_rows(width: int, pixels: int = 1 << 24) -> int:
 SMALL_MERGE_VERTICES = 256
 
 
-def _merge_group(parts: list[Rag], seam_rows: Sequence[int]) -> Rag:
+def _merge_group(parts: list[Rag], seam_rows: Sequence[int], seam_cols: Sequence[int]) -> Rag:
     pieces = Rag.concat(parts)
     if len(pieces.xy) <= SMALL_MERGE_VERTICES:
         merged = shapely.union_all(pieces.to_shapely())
         if merged.geom_type == "Polygon":
             return Rag.from_shapely([shapely.simplify(merged, 0)])  # the seam-end vertices go
     # The exact seam merge is linear in the vertices; GEOS's union is the safety net.
-    merged = merge_rag(pieces, seam_rows)
+    merged = merge_rag(pieces, seam_rows, seam_cols)
     return Rag.from_shapely([shapely.union_all(pieces.to_shapely())]) if merged is None else merged
 
 
-def _seam_columns(pieces: Rag, ids: np.ndarray, classes: np.ndarray, y: int,
-                  width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Which piece (id, class; -1 for none) lies along line ``y`` at each column: read off the
-    pieces' horizontal edges on that line (every such edge of a piece that stops at the line
-    borders a pixel of that piece)."""
-    ids_at = np.full(width, -1, dtype=np.int64)
-    cls_at = np.full(width, -1, dtype=np.int64)
+def _line_owners(pieces: Rag, ids: np.ndarray, classes: np.ndarray, axis: int, line: int,
+                 lo: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which piece (id, class; -1 for none) lies along a block edge at each pixel of it: the
+    row ``y = line`` (``axis`` 1; positions are columns ``lo`` ..) or the column ``x = line``
+    (``axis`` 0; positions are rows). Read off the pieces' edges on that line: every such edge
+    of a piece that stops at the line borders a pixel of that piece."""
+    ids_at = np.full(length, -1, dtype=np.int64)
+    cls_at = np.full(length, -1, dtype=np.int64)
     if len(pieces) == 0:
         return ids_at, cls_at
-    # Only a shell reaches the strip's top or bottom (a hole there would be open to it).
+    # Only a shell reaches a block's edge (a hole there would be open to it).
     shells = pieces.shell_rings()
     sizes = pieces.ring_sizes[shells]
     piece, k = _runs(sizes)
     start = pieces.ring_starts()[shells][piece]
     a = pieces.xy[start + k]
     b = pieces.xy[start + (k + 1) % sizes[piece]]
-    edge = (a[:, 1] == y) & (b[:, 1] == y)
-    x0 = np.minimum(a[edge, 0], b[edge, 0])
-    x1 = np.maximum(a[edge, 0], b[edge, 0])
+    along = 1 - axis
+    edge = (a[:, axis] == line) & (b[:, axis] == line)
+    p0 = np.minimum(a[edge, along], b[edge, along]) - lo
+    p1 = np.maximum(a[edge, along], b[edge, along]) - lo
     piece = piece[edge]
-    run, k = _runs(x1 - x0)
-    ids_at[x0[run] + k] = ids[piece][run]
-    cls_at[x0[run] + k] = classes[piece][run]
+    run, k = _runs(p1 - p0)
+    ids_at[p0[run] + k] = ids[piece][run]
+    cls_at[p0[run] + k] = classes[piece][run]
     return ids_at, cls_at
 
 
+def _join_along(uf: "_UnionFind", ids_a: np.ndarray, cls_a: np.ndarray, ids_b: np.ndarray,
+                cls_b: np.ndarray) -> None:
+    """Join the pieces on either side of a seam that meet at a pixel edge with the same class."""
+    same = (ids_a >= 0) & (ids_b >= 0) & (cls_a == cls_b)
+    for a, b in np.unique(np.stack([ids_a[same], ids_b[same]], 1), axis=0).tolist():
+        uf.union(a, b)
+
+
 def _split(rag: Rag) -> list[Rag]:
-    """One Rag per polygon, each its own copy (a view would keep the whole strip's arrays alive
+    """One Rag per polygon, each its own copy (a view would keep the whole block's arrays alive
     as long as any one piece stays open), vertices as int32: the open pieces of regions that
-    span many strips are most of what is held between strips (:func:`_widen` on use)."""
+    span many blocks are most of what is held between blocks (:func:`_widen` on use)."""
     ring_end = np.cumsum(rag.ring_counts).tolist()
     vertex_end = np.cumsum(rag.ring_sizes)
     out, r0, v0 = [], 0, 0
@@ -272,105 +289,129 @@ class _Batch:
     classes: np.ndarray
 
 
-class _StripPolygonizer:
-    """Polygons of a class raster strip by strip, each batch as soon as no later strip can touch it.
+class _BlockPolygonizer:
+    """Polygons of a class raster block by block, each batch as soon as no later block can touch it.
 
-    Each strip goes through ``rasterio.features.shapes`` on its class values (4-connected regions
-    of one class, exactly GDAL's polygonization of the strip). A piece that reaches neither
-    the strip's top nor its bottom is a whole region, finished at once. Pieces on either side of
-    a seam are matched by the columns their edges on the seam cover (same class, same column:
-    one region), joined with a union-find; a group is finished, merged and handed out once none
-    of its members reaches the bottom of the latest strip. Only the open groups stay in memory,
-    with a strip of pixels at a time. With ``nodes``, the nodes of the pixel-edge network are
-    collected for :class:`CoverageSimplifier` as rows are read.
+    Blocks go row-major. Each goes through ``rasterio.features.shapes`` on its class values
+    (4-connected regions of one class, exactly GDAL's polygonization of the block). A piece that
+    reaches no edge of its block shared with another block is a whole region, finished at once.
+    Pieces on either side of a seam are matched by the pixels their edges on the seam cover (same
+    class, same pixel: one region), joined with a union-find; a group is finished, merged and
+    handed out once none of its members reaches the edge of a block still to come (below it, or
+    right of it). Only the open groups stay in memory, with a block of pixels at a time: memory
+    follows the block's size and the seams' length, not the raster's. With a simplifier, the
+    nodes of the pixel-edge network are collected for :class:`CoverageSimplifier` as blocks are read.
     """
 
     def __init__(self, ds: rasterio.DatasetReader, block_rows: int | None = None,
                  simplifier: CoverageSimplifier | None = None, progress: bool = False,
-                 desc: str = "vectorize"):
+                 desc: str = "vectorize", block_cols: int | None = None):
         self.ds = ds
         self.height, self.width = ds.height, ds.width
-        self.block_rows = max(1, block_rows or auto_block_rows(self.width))
+        if block_rows is None and block_cols is None:
+            block_rows, block_cols = auto_block_shape(self.width)
+        elif block_cols is None:  # rows alone: full-width strips
+            block_cols = self.width
+        elif block_rows is None:
+            block_rows = max(256, (1 << 24) // block_cols)
+        self.block_rows, self.block_cols = max(1, block_rows), max(1, block_cols)
         self.simplifier = simplifier
         self.progress = progress
         self.desc = desc
         self.pieces: dict[int, Rag] = {}  # open pieces by id
         self.piece_class: dict[int, int] = {}
         self.piece_top: dict[int, int] = {}
+        self.piece_wait: dict[int, int] = {}  # the last block whose edge it reaches (row-major index)
         self.open_groups: list[int] = []  # every open piece
         self.uf = _UnionFind()
-        self.seams: list[int] = []
+        self.seam_rows: list[int] = []
+        self.seam_cols: list[int] = []
         self.next_id = 0
         self.peak_open = 0  # most pieces held at once (tests)
 
-    def __iter__(self):
-        """(polygons, class ids) of the groups finished after each strip, in pixel coordinates."""
-        height, width = self.height, self.width
-        starts = range(0, height, self.block_rows)
-        prev_row = None
-        bottom_ids = bottom_cls = None
-        for top in tqdm(starts, desc=self.desc, unit="block", disable=not self.progress, leave=False):
-            n = min(self.block_rows, height - top)
-            last = top + n == height
-            classes = self._read_strip(top, n)
+    def __iter__(self) -> Iterator[_Batch]:
+        """The groups finished after each block, in pixel coordinates."""
+        height, width, rows, cols = self.height, self.width, self.block_rows, self.block_cols
+        n_cols = -(-width // cols)
+        blocks = [(top, left) for top in range(0, height, rows) for left in range(0, width, cols)]
+        # Pieces along the bottom of the block row above (per column) and along the right edge of
+        # the block to the left (per row of this block row).
+        below_ids = np.full(width, -1, dtype=np.int64)
+        below_cls = np.full(width, -1, dtype=np.int64)
+        right_ids = right_cls = None
+        self.seam_cols = list(range(cols, width, cols))
+        for index, (top, left) in enumerate(tqdm(blocks, desc=self.desc, unit="block",
+                                                 disable=not self.progress, leave=False)):
+            n, m = min(rows, height - top), min(cols, width - left)
+            last_row, last_col = top + n == height, left + m == width
+            if left == 0 and top > 0:
+                self.seam_rows.append(top)
+            haloed = self._read_block(top, left, n, m)
             if self.simplifier is not None:
-                self._add_nodes(prev_row, classes, top, last)
-            prev_row = classes[-1].copy()
-            shift = rasterio.Affine.translation(0, top)
-            rag, values = _strip_polygons(classes, shift)
+                self._add_nodes(haloed, top, left, last_row, left + m == width)
+            classes = np.ascontiguousarray(haloed[1:, 1:m + 1])
+            del haloed
+            rag, values = _block_polygons(classes, rasterio.Affine.translation(left, top))
             del classes
             if len(rag):
-                ring_y = np.minimum.reduceat(rag.xy[:, 1], rag.ring_starts())[rag.shell_rings()]
-                at_top = (ring_y == top) & (top > 0)
-                ring_y = np.maximum.reduceat(rag.xy[:, 1], rag.ring_starts())[rag.shell_rings()]
-                at_bottom = (ring_y == top + n) & (not last)
+                starts, shells = rag.ring_starts(), rag.shell_rings()
+                lo = np.minimum.reduceat(rag.xy, starts)[shells]
+                hi = np.maximum.reduceat(rag.xy, starts)[shells]
+                at_top = (lo[:, 1] == top) & (top > 0)
+                at_left = (lo[:, 0] == left) & (left > 0)
+                at_bottom = (hi[:, 1] == top + n) & (not last_row)
+                at_right = (hi[:, 0] == left + m) & (not last_col)
+                del lo, hi
             else:
-                at_top = at_bottom = np.zeros(0, dtype=bool)
-            whole = ~(at_top | at_bottom)
-            out_geoms = [rag.take(whole)]
-            out_classes = [values[whole]]
+                at_top = at_left = at_bottom = at_right = np.zeros(0, dtype=bool)
+            whole = ~(at_top | at_left | at_bottom | at_right)
+            out_geoms = [rag if whole.all() else rag.take(whole)]
+            out_classes = [values if whole.all() else values[whole]]
 
-            # Pieces that reach a seam are held under new ids.
+            # Pieces that reach a seam are held under new ids, with the last block they wait for.
             held = np.flatnonzero(~whole)
             ids = np.full(len(rag), -1, dtype=np.int64)
             ids[held] = np.arange(self.next_id, self.next_id + len(held))
             self.next_id += len(held)
-            for pid, piece, cls in zip(ids[held].tolist(), _split(rag.take(held)), values[held].tolist()):
+            wait = np.where(at_bottom, index + n_cols, np.where(at_right, index + 1, index))
+            for pid, piece, cls, until in zip(ids[held].tolist(), _split(rag.take(held)),
+                                              values[held].tolist(), wait[held].tolist()):
                 self.pieces[pid] = piece
                 self.piece_class[pid] = cls
                 self.piece_top[pid] = top
-            if top > 0:
-                self.seams.append(top)
-                if bottom_ids is not None and at_top.any():
-                    top_ids, top_cls = _seam_columns(rag.take(at_top), ids[at_top], values[at_top], top, width)
-                    same = (bottom_ids >= 0) & (top_ids >= 0) & (bottom_cls == top_cls)
-                    pairs = np.unique(np.stack([bottom_ids[same], top_ids[same]], 1), axis=0)
-                    for a, b in pairs.tolist():
-                        self.uf.union(a, b)
+                self.piece_wait[pid] = until
+
+            def owners(which: np.ndarray, axis: int, line: int, lo: int, length: int):
+                return _line_owners(rag.take(which), ids[which], values[which], axis, line, lo, length)
+
+            if top > 0 and at_top.any():
+                _join_along(self.uf, *owners(at_top, 1, top, left, m),
+                            below_ids[left:left + m], below_cls[left:left + m])
+            if left > 0 and at_left.any() and right_ids is not None:
+                _join_along(self.uf, *owners(at_left, 0, left, top, n), right_ids, right_cls)
             if at_bottom.any():
-                bottom_ids, bottom_cls = _seam_columns(rag.take(at_bottom), ids[at_bottom], values[at_bottom],
-                                                       top + n, width)
+                below_ids[left:left + m], below_cls[left:left + m] = owners(at_bottom, 1, top + n, left, m)
             else:
-                bottom_ids = bottom_cls = None
+                below_ids[left:left + m] = below_cls[left:left + m] = -1
+            right_ids, right_cls = owners(at_right, 0, left + m, top, n) if at_right.any() else (None, None)
             del rag
 
             groups: dict[int, list[int]] = {}
             for pid in self.open_groups + ids[held].tolist():
                 groups.setdefault(self.uf.find(pid), []).append(pid)
-            open_roots = {self.uf.find(int(pid)) for pid in ids[at_bottom]}
             self.peak_open = max(self.peak_open, len(self.pieces))
             still_open: list[int] = []
             done_geoms, done_classes, parts = [], [], []
-            for root, members in groups.items():
-                if root in open_roots:
+            for members in groups.values():
+                if any(self.piece_wait[m] > index for m in members):
                     still_open.extend(members)
                     continue
                 parts = [_widen(self.pieces.pop(m)) for m in members]
-                done_geoms.append(parts[0] if len(parts) == 1 else _merge_group(parts, self.seams))
+                done_geoms.append(parts[0] if len(parts) == 1 else
+                                  _merge_group(parts, self.seam_rows, self.seam_cols))
                 done_classes.append(self.piece_class[members[0]])
                 for m in members:
-                    del self.piece_class[m]
-                    del self.piece_top[m]
+                    del self.piece_class[m], self.piece_top[m], self.piece_wait[m]
                 self.uf.forget(members)
             self.open_groups = still_open
             out_geoms.extend(done_geoms)
@@ -381,29 +422,43 @@ class _StripPolygonizer:
             batch = _Batch(raw, raw, np.concatenate(out_classes))
             if self.simplifier is not None:
                 batch.geoms = self.simplifier.simplify(raw, self.open_vertex_keys())
-                tops = list(self.piece_top.values())
-                self.simplifier.forget_above(min(tops) if tops else top + n)
+                # Rows still needed: those of open pieces, and this block row's unless it is done.
+                tops = list(self.piece_top.values()) + [top + n if last_col else top]
+                self.simplifier.forget_above(min(tops))
             yield batch
-            # Nothing of this strip may outlive it: a suspended generator keeps its locals,
-            # which would hold a whole strip's polygons through the next strip's peak.
+            # Nothing of this block may outlive it: a suspended generator keeps its locals,
+            # which would hold a whole block's polygons through the next block's peak.
             del batch, raw, out_geoms, done_geoms, out_classes, parts
             _release_freed_memory()
 
-    def _read_strip(self, top: int, n: int) -> np.ndarray:
-        return self.ds.read(1, window=rasterio.windows.Window(0, top, self.width, n))
+    def _read_block(self, top: int, left: int, n: int, m: int) -> np.ndarray:
+        """The block's classes with a one-pixel frame: the row above, the columns left and right
+        (nodata outside the raster), which the nodes on the block's vertex lines need."""
+        haloed = np.full((n + 1, m + 2), NODATA_CLASS, dtype=np.uint8)
+        r0, c0, c1 = max(top - 1, 0), max(left - 1, 0), min(left + m + 1, self.width)
+        window = rasterio.windows.Window(c0, r0, c1 - c0, top + n - r0)
+        haloed[r0 - (top - 1):, c0 - (left - 1):c1 - (left - 1)] = self.ds.read(1, window=window)
+        return haloed
 
-    def _add_nodes(self, prev_row: np.ndarray | None, classes: np.ndarray, top: int, last: bool) -> None:
-        """Nodes on vertex rows top .. top+n-1 (and the bottom line of the raster after the last strip)."""
-        n, width = classes.shape
-        nodata_row = np.full((1, width), NODATA_CLASS, dtype=classes.dtype)
-        above_first = nodata_row if prev_row is None else prev_row[None]
-        chunk = max(1, (1 << 22) // max(width, 1))
-        for i in range(0, n + (1 if last else 0), chunk):
-            j = min(i + chunk, n + (1 if last else 0))
-            above = classes[max(i - 1, 0):j - 1] if i > 0 else np.concatenate([above_first, classes[:j - 1]])
-            below = classes[i:j] if j <= n else np.concatenate([classes[i:n], nodata_row])
-            rows, xs = node_positions(above, below)
-            self.simplifier.add_nodes(rows + top + i, xs)
+    def _add_nodes(self, haloed: np.ndarray, top: int, left: int, last_row: bool, last_col: bool) -> None:
+        """Nodes of the block's vertex lines: rows top .. top+n-1 (and the raster's bottom line
+        after the last block row), columns left+1 .. left+m (and the raster's left line in the
+        first block column). So every vertex is one block's, and each block has the nodes of its
+        right edge before any polygon that ends there is finished."""
+        n, m = haloed.shape[0] - 1, haloed.shape[1] - 2
+        x_min = left if left == 0 else left + 1
+        chunk = max(1, (1 << 22) // max(m, 1))
+        lines = n + (1 if last_row else 0)
+        for i in range(0, lines, chunk):
+            j = min(i + chunk, lines)
+            above = haloed[i:j]
+            below = haloed[i + 1:j + 1]
+            if len(below) < len(above):  # the raster's bottom line: nodata below
+                below = np.concatenate([below, np.full((1, m + 2), NODATA_CLASS, dtype=np.uint8)])
+            rows, v = node_positions(above, below)
+            xs = left - 1 + v  # node_positions frames the columns once more: vertex v is x = left-1+v
+            keep = (xs >= x_min) & (xs <= left + m)
+            self.simplifier.add_nodes(rows[keep] + top + i, xs[keep])
 
     def open_vertex_keys(self) -> np.ndarray:
         """Sorted unique keys (``seam_merge._keys``) of every vertex of every open piece."""
@@ -414,17 +469,18 @@ class _StripPolygonizer:
 
 
 def polygonize_pixels(
-    path: Path, block_rows: int | None = None, progress: bool = False
+    path: Path, block_rows: int | None = None, progress: bool = False, block_cols: int | None = None
 ) -> tuple[list[shapely.Polygon], list[int]]:
     """Polygons (in pixel coordinates: x = column, y = row) and their class ids, blockwise.
 
-    ``block_rows`` None picks blocks of about 16 Mpx (see :func:`auto_block_rows`).
+    ``block_rows`` and ``block_cols`` None pick blocks of about 16 Mpx (:func:`auto_block_shape`);
+    ``block_rows`` alone, full-width strips of that many rows.
     """
     polygons: list[shapely.Polygon] = []
     class_ids: list[int] = []
     with rasterio.Env(GDAL_CACHEMAX=READ_CACHE_MB), _open_class_raster(path) as ds:
-        for batch in _StripPolygonizer(ds, block_rows, progress=progress,
-                                       desc=f"vectorize {Path(path).name}"):
+        for batch in _BlockPolygonizer(ds, block_rows, progress=progress,
+                                       desc=f"vectorize {Path(path).name}", block_cols=block_cols):
             polygons.extend(batch.raw.to_shapely())
             class_ids.extend(batch.classes.tolist())
     return polygons, class_ids
@@ -461,15 +517,17 @@ def _open_class_raster(path: Path) -> rasterio.DatasetReader:
 class _MapBatches:
     """Batches of finished polygons in the raster's CRS, with class_id, class_name and area_m2.
 
-    Iterating streams the raster once; each batch is one strip's finished polygons, simplified
+    Iterating streams the raster once; each batch is one block's finished polygons, simplified
     (``simplify``: tolerance in map units; None: one pixel; 0: none) and filtered by ``min_area``
     (m², on the polygons as polygonized, before simplification).
     """
 
     def __init__(self, path: Path, info: ClassInfo, *, simplify: float | None = None,
-                 min_area: float = 0.0, block_rows: int | None = None, progress: bool = False):
+                 min_area: float = 0.0, block_rows: int | None = None, progress: bool = False,
+                 block_cols: int | None = None):
         self.path, self.info = Path(path), info
         self.min_area, self.block_rows, self.progress = min_area, block_rows, progress
+        self.block_cols = block_cols
         with _open_class_raster(self.path) as ds:
             # A raster with no georeferencing at all is drawn by QGIS at (col, -row): the
             # polygons take that transform too, so they lie on the raster (predict writes it).
@@ -519,8 +577,8 @@ class _MapBatches:
         names = self.info.names
         self._to_utm = None
         with rasterio.Env(GDAL_CACHEMAX=READ_CACHE_MB), _open_class_raster(self.path) as ds:
-            for batch in _StripPolygonizer(ds, self.block_rows, simplifier=simplifier,
-                                           progress=self.progress, desc=f"vectorize {self.path.name}"):
+            for batch in _BlockPolygonizer(ds, self.block_rows, simplifier=simplifier, progress=self.progress,
+                                           desc=f"vectorize {self.path.name}", block_cols=self.block_cols):
                 rag, classes, raw = batch.geoms, batch.classes, batch.raw
                 del batch  # the polygons as polygonized go once min_area has used them
                 if self.min_area > 0 and len(rag):
@@ -533,7 +591,7 @@ class _MapBatches:
                 ids = classes.astype(np.int32)
                 class_names = [names[c] if c < len(names) else f"class_{c}" for c in ids.tolist()]
                 yield ids, class_names, Rag(map_xy, rag.ring_sizes, rag.ring_counts), self.areas_m2(rag, map_xy)
-                del rag, classes, map_xy, ids, class_names  # as in _StripPolygonizer
+                del rag, classes, map_xy, ids, class_names  # as in _BlockPolygonizer
 
 
 def _polygon_wkb(rag: Rag) -> pa.Array:
@@ -571,6 +629,7 @@ def vectorize_raster(
     min_area: float = 0.0,
     block_rows: int | None = None,
     progress: bool = False,
+    block_cols: int | None = None,
 ) -> gpd.GeoDataFrame:
     """Polygons of a uint8 class raster with class_id, class_name, area_m2, in the raster's CRS.
 
@@ -581,7 +640,7 @@ def vectorize_raster(
     path = Path(path)
     info = classes or class_info_from_raster(path)
     batches = _MapBatches(path, info, simplify=simplify, min_area=min_area, block_rows=block_rows,
-                          progress=progress)
+                          progress=progress, block_cols=block_cols)
     ids, names, geoms, areas = [], [], [], []
     for i, n, g, a in batches:
         ids.append(i)
@@ -850,11 +909,12 @@ def vectorize_to_file(
     progress: bool = False,
     block_rows: int | None = None,
     layer: str | None = None,
+    block_cols: int | None = None,
 ) -> tuple[list[Path], int]:
     """``rsseg vectorize``: class raster -> styled vector file. Returns (files, polygon count).
 
-    Streams: each strip's finished polygons are written as soon as no later strip can touch them,
-    so memory does not grow with the raster's height. The file is written under a hidden
+    Streams: each block's finished polygons are written as soon as no later block can touch them,
+    so memory does not grow with the raster's size. The file is written under a hidden
     temporary name and renamed when complete (removed on any error).
     """
     out = Path(out)
@@ -862,7 +922,7 @@ def vectorize_to_file(
     info = classes or class_info_from_raster(raster)
     layer = layer or out.stem
     batches = _MapBatches(raster, info, simplify=simplify, min_area=min_area, block_rows=block_rows,
-                          progress=progress)
+                          progress=progress, block_cols=block_cols)
     count = [0]
     files = _publish(out, driver, layer, info, lambda staged: _write_stream(
         staged, driver, layer, batches.crs_wkt, _record_batches(batches, count)))
