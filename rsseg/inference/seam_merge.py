@@ -198,7 +198,8 @@ def merge_rag(pieces: Rag, seam_rows: Iterable[int], seam_cols: Iterable[int] = 
         if (uses > 2).any():
             return None
         kept = uses[unit] == 1
-        start, stop = np.empty((int(kept.sum()), 2), dtype=np.int64), np.empty((int(kept.sum()), 2), dtype=np.int64)
+        start = np.empty((int(kept.sum()), 2), dtype=np.int64)
+        stop = np.empty_like(start)
         start[:, along], start[:, 1 - along] = u0[kept], u_across[kept]
         stop[:, along], stop[:, 1 - along] = u1[kept], u_across[kept]
         units.append((start, stop))

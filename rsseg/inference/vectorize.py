@@ -198,7 +198,11 @@ def _load_malloc_trim():
 _malloc_trim = _load_malloc_trim()
 
 
-def auto_block_shape(width: int, pixels: int = 1 << 24) -> tuple[int, int]:
+# Pixels per block: a block's polygonization and simplification hold about 50 bytes a pixel.
+BLOCK_PIXELS = 1 << 24
+
+
+def auto_block_shape(width: int, pixels: int = BLOCK_PIXELS) -> tuple[int, int]:
     """(rows, columns) of blocks of about ``pixels`` pixels (16 Mpx: a block's polygonization
     and simplification hold about 50 bytes a pixel, in GDAL and here). Rasters up to
     sqrt(pixels) wide go in full-width strips; wider ones are cut into columns too, about
@@ -313,7 +317,7 @@ class _BlockPolygonizer:
         elif block_cols is None:  # rows alone: full-width strips
             block_cols = self.width
         elif block_rows is None:
-            block_rows = max(256, (1 << 24) // block_cols)
+            block_rows = max(256, BLOCK_PIXELS // block_cols)
         self.block_rows, self.block_cols = max(1, block_rows), max(1, block_cols)
         self.simplifier = simplifier
         self.progress = progress
@@ -338,7 +342,7 @@ class _BlockPolygonizer:
         # the block to the left (per row of this block row).
         below_ids = np.full(width, -1, dtype=np.int64)
         below_cls = np.full(width, -1, dtype=np.int64)
-        right_ids = right_cls = None
+        right_ids = right_cls = np.zeros(0, dtype=np.int64)
         self.seam_cols = list(range(cols, width, cols))
         for index, (top, left) in enumerate(tqdm(blocks, desc=self.desc, unit="block",
                                                  disable=not self.progress, leave=False)):
@@ -348,7 +352,7 @@ class _BlockPolygonizer:
                 self.seam_rows.append(top)
             haloed = self._read_block(top, left, n, m)
             if self.simplifier is not None:
-                self._add_nodes(haloed, top, left, last_row, left + m == width)
+                self._add_nodes(haloed, top, left, last_row)
             classes = np.ascontiguousarray(haloed[1:, 1:m + 1])
             del haloed
             rag, values = _block_polygons(classes, rasterio.Affine.translation(left, top))
@@ -387,13 +391,11 @@ class _BlockPolygonizer:
             if top > 0 and at_top.any():
                 _join_along(self.uf, *owners(at_top, 1, top, left, m),
                             below_ids[left:left + m], below_cls[left:left + m])
-            if left > 0 and at_left.any() and right_ids is not None:
+            if left > 0 and at_left.any():
                 _join_along(self.uf, *owners(at_left, 0, left, top, n), right_ids, right_cls)
-            if at_bottom.any():
-                below_ids[left:left + m], below_cls[left:left + m] = owners(at_bottom, 1, top + n, left, m)
-            else:
-                below_ids[left:left + m] = below_cls[left:left + m] = -1
-            right_ids, right_cls = owners(at_right, 0, left + m, top, n) if at_right.any() else (None, None)
+            # For the blocks below and to the right (-1 where no piece reaches the edge).
+            below_ids[left:left + m], below_cls[left:left + m] = owners(at_bottom, 1, top + n, left, m)
+            right_ids, right_cls = owners(at_right, 0, left + m, top, n)
             del rag
 
             groups: dict[int, list[int]] = {}
@@ -417,7 +419,7 @@ class _BlockPolygonizer:
             out_geoms.extend(done_geoms)
             out_classes.append(np.asarray(done_classes, dtype=np.int64))
             raw = Rag.concat(out_geoms)
-            out_geoms.clear()  # concat copied them
+            out_geoms.clear()  # raw holds them now
             done_geoms.clear()
             batch = _Batch(raw, raw, np.concatenate(out_classes))
             if self.simplifier is not None:
@@ -440,11 +442,12 @@ class _BlockPolygonizer:
         haloed[r0 - (top - 1):, c0 - (left - 1):c1 - (left - 1)] = self.ds.read(1, window=window)
         return haloed
 
-    def _add_nodes(self, haloed: np.ndarray, top: int, left: int, last_row: bool, last_col: bool) -> None:
+    def _add_nodes(self, haloed: np.ndarray, top: int, left: int, last_row: bool) -> None:
         """Nodes of the block's vertex lines: rows top .. top+n-1 (and the raster's bottom line
         after the last block row), columns left+1 .. left+m (and the raster's left line in the
-        first block column). So every vertex is one block's, and each block has the nodes of its
-        right edge before any polygon that ends there is finished."""
+        first block column; the frame's nodata right of the raster gives its right line). So
+        every vertex is one block's, and each block has the nodes of its right edge before any
+        polygon that ends there is finished."""
         n, m = haloed.shape[0] - 1, haloed.shape[1] - 2
         x_min = left if left == 0 else left + 1
         chunk = max(1, (1 << 22) // max(m, 1))
